@@ -1,0 +1,296 @@
+"""LoRA layers, the X-Cross model and shared-prefix packing, each against an independent computation."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+from tests.tiny import TINY_GEMMA, tiny_decoder
+from xcross.data import collate, collate_unpacked, pack
+from xcross.lora import LoRAConfig, lora_layers
+from xcross.xcross import Integrator, XCrossConfig, XCrossModel, build_model
+
+LORA = LoRAConfig(rank=4, alpha=8.0, dropout=0.0)
+
+
+def _randomise_adapters(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model.decoder).values():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.3)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+
+
+def _randomise_head(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _lora_model(seed, adapter_seed=None, n=1):
+    model = XCrossModel(tiny_decoder(seed), n, LORA)
+    if adapter_seed is not None:
+        _randomise_adapters(model, adapter_seed)
+    return model
+
+
+def _random_batch(seed, B=2, C=3, prefix=(11, 5), vocab=TINY_GEMMA["vocab_size"]):
+    rnd = random.Random(seed)
+    packed = []
+    for b in range(B):
+        p = [rnd.randrange(1, vocab) for _ in range(prefix[b % len(prefix)])]
+        cands = [[rnd.randrange(1, vocab) for _ in range(rnd.randint(1, 6))] for _ in range(C)]
+        packed.append(pack(p, cands))
+    return collate(packed, pad_id=0)
+
+
+# -- LoRA ------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_with_zero_B_equals_base():
+    base = tiny_decoder(0)
+    model = XCrossModel(copy.deepcopy(base), 1, LORA)  # B starts at 0, A random
+    ids = torch.randint(1, 100, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = base(ids).hidden_states
+        got = model.streams(ids)[0]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_merged_equals_unmerged():
+    model = _lora_model(0, adapter_seed=1)
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        unmerged = model.streams(ids)
+        for layer in lora_layers(model.decoder).values():
+            layer.merge()
+        merged = model.streams(ids)
+        for layer in lora_layers(model.decoder).values():
+            layer.unmerge()
+        again = model.streams(ids)
+    assert not torch.allclose(unmerged, tiny_decoder(0)(ids).hidden_states[None], atol=1e-3), "adapter must matter"
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=0)
+
+
+def test_lora_matches_peft(tmp_path):
+    """Our stacked LoRA (n = 1) against PEFT's LoRA on the transformers model holding the same weights."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from xcross.weights import load_decoder
+
+    hf_cfg = transformers.Gemma3TextConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], max_position_embeddings=512)
+    torch.manual_seed(0)
+    ref = transformers.Gemma3ForCausalLM(hf_cfg).eval()
+    ref.save_pretrained(tmp_path)
+    peft_model = peft.get_peft_model(ref, peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, lora_dropout=0.0,
+                                                            target_modules=list(LORA.targets)))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ours = XCrossModel(load_decoder(tmp_path), 1, LORA)
+    theirs = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for name, layer in lora_layers(ours.decoder).items():
+            layer.lora_A[0].copy_(theirs[f"base_model.model.{name}.lora_A.default.weight"])
+            layer.lora_B[0].copy_(theirs[f"base_model.model.{name}.lora_B.default.weight"])
+    ids = torch.randint(1, 100, (2, 19), generator=g)
+    with torch.no_grad():
+        want = peft_model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        got = ours.streams(ids)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_save_load_gives_identical_scores(tmp_path):
+    model = _lora_model(0, adapter_seed=1)
+    _randomise_head(model, 2)
+    model.set_trainable({"adapters", "head"})
+    path = tmp_path / "toys.safetensors"
+    model.save_adapter(path, {"domain": "toys"})
+    loaded = build_model(tiny_decoder(0), "source", [path])
+    batch = _random_batch(0)
+    with torch.no_grad():
+        assert torch.equal(model.score(batch), loaded.score(batch))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(lora=LoRAConfig(rank=2, alpha=8.0, dropout=0.0)), "rank 2 != expected rank 4"),
+        (dict(lora=LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj"))), "targets"),
+        (dict(hidden_size=24), "hidden_size"),
+    ],
+)
+def test_mismatched_adapter_fails_with_message(tmp_path, change, message):
+    good = _lora_model(0, adapter_seed=1)
+    good.save_adapter(tmp_path / "good.safetensors")
+    if "lora" in change:
+        other = XCrossModel(tiny_decoder(0), 1, change["lora"])
+    else:
+        other = XCrossModel(tiny_decoder(0, **change), 1, LORA)
+    other.save_adapter(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=message):
+        build_model(tiny_decoder(0), "xcross", [tmp_path / "good.safetensors", tmp_path / "bad.safetensors"])
+
+
+# -- X-Cross ---------------------------------------------------------------------------------------------------------
+
+
+def test_integrator_matches_brute_force_formula():
+    n, d, B, T = 3, 8, 2, 5
+    cfg = XCrossConfig(beta=0.7, gamma=1.3)
+    integ = Integrator(n, d, cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        integ.weight.copy_(torch.randn(integ.weight.shape, generator=g))
+        integ.bias.copy_(torch.randn(integ.bias.shape, generator=g))
+    h = torch.randn(n, B, T, d, generator=g) * 5
+    got = integ(h)
+    want = torch.empty_like(h)
+    for b in range(B):
+        for t in range(T):
+            rho = [h[m, b, t] / torch.sqrt((h[m, b, t] ** 2).mean() + cfg.eps) for m in range(n)]
+            z = integ.weight @ torch.cat(rho) + integ.bias
+            pairs = [(m, mp) for m in range(n) for mp in range(n) if mp != m]
+            z1 = {pair: z[i] for i, pair in enumerate(pairs)}
+            z2 = {pair: z[len(pairs) + i] for i, pair in enumerate(pairs)}
+            for m in range(n):
+                acc = h[m, b, t].clone()
+                for mp in range(n):
+                    if mp != m:
+                        acc += cfg.beta * z1[m, mp] * h[mp, b, t] + cfg.gamma * z2[m, mp] * (h[m, b, t] - h[mp, b, t])
+                want[m, b, t] = acc
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_zero_initialised_xcross_reproduces_each_source():
+    """Stream m of an untrained X-Cross equals the single-adapter model of adapter m, at every token."""
+    n = 3
+    singles = [_lora_model(0, adapter_seed=10 + m) for m in range(n)]
+    xc = XCrossModel(tiny_decoder(0), n, LORA)
+    with torch.no_grad():
+        for name, layer in lora_layers(xc.decoder).items():
+            for m in range(n):
+                single = lora_layers(singles[m].decoder)[name]
+                layer.lora_A[m].copy_(single.lora_A[0])
+                layer.lora_B[m].copy_(single.lora_B[0])
+    batch = _random_batch(1)
+    with torch.no_grad():
+        got = xc.streams(batch.input_ids, batch.attention_mask, batch.position_ids)
+        for m in range(n):
+            want = singles[m].streams(batch.input_ids, batch.attention_mask, batch.position_ids)[0]
+            torch.testing.assert_close(got[m], want, atol=1e-5, rtol=0)
+    assert not torch.allclose(got[0], got[1], atol=1e-3), "different adapters must give different streams"
+
+
+def test_one_stream_xcross_equals_lora_model(tmp_path):
+    lora = _lora_model(0, adapter_seed=1)
+    _randomise_head(lora, 2)
+    lora.save_adapter(tmp_path / "a.safetensors")
+    xc = build_model(tiny_decoder(0), "xcross", [tmp_path / "a.safetensors"])
+    batch = _random_batch(2)
+    with torch.no_grad():
+        torch.testing.assert_close(xc.score(batch), lora.score(batch), atol=1e-6, rtol=0)
+
+
+def test_xcross_step_changes_only_integrators_w_and_head(tmp_path):
+    paths = []
+    for m in range(2):
+        src = _lora_model(0, adapter_seed=20 + m)
+        _randomise_head(src, 30 + m)
+        paths.append(tmp_path / f"s{m}.safetensors")
+        src.save_adapter(paths[-1])
+    model = build_model(tiny_decoder(0), "xcross", paths)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-2)
+    batch = _random_batch(3)
+    model.train()
+    for _ in range(2):  # the integrators get a gradient only once the head's output layer is non-zero
+        loss = torch.nn.functional.cross_entropy(model.score(batch), torch.tensor([0, 2]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trainable = {n for n, _ in model.trainable_parameters()}
+    assert {n.split(".")[0] for n in trainable} == {"integrators", "stream_weights", "head"}
+    for key, value in model.state_dict().items():
+        changed = not torch.equal(value, before[key])
+        if key in trainable:
+            assert changed, f"{key} did not train"
+        else:
+            assert not changed, f"frozen {key} changed"
+
+
+def test_head_starts_as_average_of_source_heads(tmp_path):
+    heads = []
+    paths = []
+    for m in range(3):
+        src = _lora_model(0, adapter_seed=m)
+        _randomise_head(src, 40 + m)
+        heads.append({k: v.clone() for k, v in src.head.state_dict().items()})
+        paths.append(tmp_path / f"s{m}.safetensors")
+        src.save_adapter(paths[-1])
+    model = build_model(tiny_decoder(0), "xcross", paths)
+    for key, value in model.head.state_dict().items():
+        torch.testing.assert_close(value, sum(h[key] for h in heads) / 3)
+
+
+def test_merge_adapter_is_the_mean_of_source_deltas(tmp_path):
+    paths, deltas = [], []
+    for m in range(2):
+        src = _lora_model(0, adapter_seed=50 + m)
+        deltas.append({n: l.delta_weight() for n, l in lora_layers(src.decoder).items()})
+        paths.append(tmp_path / f"s{m}.safetensors")
+        src.save_adapter(paths[-1])
+    merged = build_model(tiny_decoder(0), "merge", paths)
+    for name, layer in lora_layers(merged.decoder).items():
+        torch.testing.assert_close(layer.delta_weight(), (deltas[0][name] + deltas[1][name]) / 2, atol=1e-6, rtol=0)
+
+
+def test_parameter_report_counts():
+    model = XCrossModel(tiny_decoder(0), 3, LORA)
+    model.set_trainable({"integrators", "stream_weights", "head"})
+    report = model.parameter_report()
+    c = TINY_GEMMA
+    d, L, n = c["hidden_size"], c["num_hidden_layers"], 3
+    integrators = L * (2 * n * (n - 1) * (n * d + 1))
+    head = d * d + d + d + 1
+    assert report["trainable"] == integrators + n + head
+    # one adapter of rank 4 on q, k, v, o, gate, up, down of every block, by hand
+    q, kv, o = (d, 2 * 16), (d, 1 * 16), (2 * 16, d)
+    mlp = [(d, c["intermediate_size"])] * 2 + [(c["intermediate_size"], d)]
+    lora = L * sum(4 * (i + o_) for i, o_ in [q, kv, kv, o, *mlp])
+    assert report["target_lora_equivalent"] == lora + head
+
+
+# -- packing ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_packed_scores_equal_separate_sequences(seed):
+    """Random prefix lengths (beyond the sliding window of 8) and candidate lengths; n = 2 streams with a trained
+    integrator, so the check covers mixing as well as masks and positions."""
+    rnd = random.Random(seed)
+    model = XCrossModel(tiny_decoder(seed), 2, LORA)
+    _randomise_adapters(model, seed)
+    _randomise_head(model, seed + 1)
+    with torch.no_grad():
+        for integ in model.integrators:
+            integ.weight.normal_(0, 0.05)
+    examples = []
+    for _ in range(3):
+        prefix = [rnd.randrange(1, 100) for _ in range(rnd.randint(1, 20))]
+        cands = [[rnd.randrange(1, 100) for _ in range(rnd.randint(1, 7))] for _ in range(5)]
+        examples.append((prefix, cands))
+    batch = collate([pack(p, c) for p, c in examples], pad_id=0)
+    with torch.no_grad():
+        packed = model.score(batch)
+        for b, (prefix, cands) in enumerate(examples):
+            separate = model.score(collate_unpacked(prefix, cands, pad_id=0)).reshape(-1)
+            torch.testing.assert_close(packed[b], separate, atol=1e-5, rtol=0)

@@ -1,0 +1,216 @@
+"""Examples, prompts and shared-prefix packing: one sequence `[prefix][cand_1]…[cand_C]` per example.
+
+A candidate sees the whole history prefix and itself (causally), never another candidate; its position ids
+continue from the prefix length, so its score equals that of a separate `[prefix][cand]` sequence.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+PAD_SEGMENT = -1
+
+
+# -- processed domains (DESIGN.md §5) --------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    user_id: str
+    history: list[str]  # item ids, oldest first
+    target: str
+    candidates: list[str] | None = None  # fixed for valid/test; drawn per epoch for training
+
+
+@dataclass
+class Domain:
+    name: str
+    items: dict[str, str]  # item id -> title
+    train: list[Example]
+    valid: list[Example]
+    test: list[Example]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def item_ids(self) -> list[str]:
+        return list(self.items)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_domain(path: str | Path) -> Domain:
+    """Read a processed domain directory (`items.jsonl`, `train/valid/test.jsonl`, `meta.json`)."""
+    path = Path(path)
+    needed = ["items.jsonl", "train.jsonl", "valid.jsonl", "test.jsonl"]
+    missing = [n for n in needed if not (path / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a processed domain (missing {missing}); build it with data_prep")
+    items = {r["item_id"]: r["title"] for r in _read_jsonl(path / "items.jsonl")}
+    splits = {}
+    for split in ("train", "valid", "test"):
+        rows = _read_jsonl(path / f"{split}.jsonl")
+        splits[split] = [Example(r["user_id"], r["history"], r["target"], r.get("candidates")) for r in rows]
+    meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else {}
+    return Domain(path.name, items, splits["train"], splits["valid"], splits["test"], meta)
+
+
+def sample_candidates(example: Example, item_ids: np.ndarray, num: int, rng: np.random.Generator) -> tuple[list[str], int]:
+    """The target plus `num − 1` distinct negatives drawn uniformly from items outside the user's sequence,
+    in random order. Returns (candidates, index of the target)."""
+    seen = set(example.history) | {example.target}
+    if len(item_ids) - len(seen) < num - 1:
+        raise ValueError(f"domain has too few items outside user {example.user_id}'s sequence for {num} candidates")
+    negatives: list[str] = []
+    chosen = set()
+    while len(negatives) < num - 1:
+        for item in item_ids[rng.integers(0, len(item_ids), size=2 * num)]:
+            if item not in seen and item not in chosen:
+                negatives.append(item)
+                chosen.add(item)
+                if len(negatives) == num - 1:
+                    break
+    label = int(rng.integers(0, num))
+    negatives.insert(label, example.target)
+    return negatives, label
+
+
+# -- prompts ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The text around the titles. The prefix is `bos header (title sep)* question`; a candidate is `title end`."""
+
+    header: str = "A shopper bought these products, oldest first:\n"
+    sep: str = "\n"
+    question: str = "Next they would buy:\n"
+    end: str = "\n"
+
+
+class PromptBuilder:
+    """Token ids of prefixes and candidates, each title cut to `title_tokens` and tokenised once per item."""
+
+    def __init__(self, tokenizer, items: dict[str, str], title_tokens: int = 24, history_len: int = 10,
+                 template: PromptTemplate = PromptTemplate()):
+        self.tokenizer = tokenizer
+        self.title_tokens = title_tokens
+        self.history_len = history_len
+        ids = list(items)
+        encoded = tokenizer.encode_batch([items[i] for i in ids])
+        self.titles = {i: e[:title_tokens] for i, e in zip(ids, encoded)}
+        self.header = [tokenizer.bos_id, *tokenizer.encode(template.header)] if tokenizer.bos_id is not None \
+            else tokenizer.encode(template.header)
+        self.sep = tokenizer.encode(template.sep)
+        self.question = tokenizer.encode(template.question)
+        self.end = tokenizer.encode(template.end)
+
+    def prefix(self, history: list[str]) -> list[int]:
+        ids = list(self.header)
+        for item in history[-self.history_len:]:
+            ids += self.titles[item] + self.sep
+        return ids + self.question
+
+    def candidate(self, item: str) -> list[int]:
+        return self.titles[item] + self.end
+
+    def max_length(self, num_candidates: int) -> int:
+        """The longest packed sequence this builder can produce: a known bound, from the title budget."""
+        title = self.title_tokens
+        prefix = len(self.header) + self.history_len * (title + len(self.sep)) + len(self.question)
+        return prefix + num_candidates * (title + len(self.end))
+
+
+# -- packing ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Packed:
+    input_ids: list[int]
+    position_ids: list[int]
+    segment_ids: list[int]  # 0 = prefix, k = candidate k (1-based)
+    last_index: list[int]  # index of every candidate's last token
+
+
+def pack(prefix: list[int], candidates: list[list[int]]) -> Packed:
+    """`[prefix][cand_1]…[cand_C]` with each candidate's positions continuing from the prefix length."""
+    if not prefix or any(not c for c in candidates):
+        raise ValueError("the prefix and every candidate need at least one token")
+    ids, pos, seg, last = list(prefix), list(range(len(prefix))), [0] * len(prefix), []
+    for k, cand in enumerate(candidates, start=1):
+        ids += cand
+        pos += range(len(prefix), len(prefix) + len(cand))
+        seg += [k] * len(cand)
+        last.append(len(ids) - 1)
+    return Packed(ids, pos, seg, last)
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor  # (B, T)
+    position_ids: Tensor  # (B, T)
+    attention_mask: Tensor  # (B, T, T) bool allowed pairs, or (B, T) key padding
+    last_index: Tensor  # (B, C) where every candidate's score is read
+    labels: Tensor | None = None  # (B,) index of the true item among the candidates
+
+    def to(self, device) -> "Batch":
+        return Batch(**{f.name: (None if getattr(self, f.name) is None
+                                 else getattr(self, f.name).to(device, non_blocking=True)) for f in fields(self)})
+
+    def token_mask(self) -> Tensor:
+        """(B, T) True at real (non-padding) tokens."""
+        if self.attention_mask.dim() == 2:
+            return self.attention_mask.bool()
+        return self.attention_mask.diagonal(dim1=1, dim2=2)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_mask().sum())
+
+
+def packed_mask(segment_ids: Tensor) -> Tensor:
+    """Allowed pairs `(B, T, T)`: causal, and a key is either prefix (segment 0) or in the query's own segment."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    q, k = segment_ids[:, :, None], segment_ids[:, None, :]
+    return causal & ((k == 0) | (k == q)) & (k != PAD_SEGMENT) & (q != PAD_SEGMENT)
+
+
+def collate(packed: list[Packed], pad_id: int, labels: list[int] | None = None) -> Batch:
+    """Right-pad packed examples into one batch and build its mask once, vectorised."""
+    B, T = len(packed), max(len(p.input_ids) for p in packed)
+    C = len(packed[0].last_index)
+    if any(len(p.last_index) != C for p in packed):
+        raise ValueError("every example of a batch needs the same number of candidates")
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    seg = torch.full((B, T), PAD_SEGMENT, dtype=torch.long)
+    for b, p in enumerate(packed):
+        n = len(p.input_ids)
+        ids[b, :n] = torch.tensor(p.input_ids)
+        pos[b, :n] = torch.tensor(p.position_ids)
+        seg[b, :n] = torch.tensor(p.segment_ids)
+    last = torch.tensor([p.last_index for p in packed], dtype=torch.long)
+    return Batch(ids, pos, packed_mask(seg), last, None if labels is None else torch.tensor(labels))
+
+
+def collate_unpacked(prefix: list[int], candidates: list[list[int]], pad_id: int) -> Batch:
+    """The reference layout: C separate `[prefix][cand_k]` rows (right-padded), one candidate each."""
+    rows = [prefix + c for c in candidates]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    pad = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        pad[i, : len(r)] = 1
+    pos = torch.arange(T).expand(len(rows), T)
+    last = torch.tensor([[len(r) - 1] for r in rows])
+    return Batch(ids, pos, pad, last)

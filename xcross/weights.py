@@ -1,0 +1,110 @@
+"""Loading and saving weights: base checkpoints (`*.safetensors`, sharded too) and trained parts with their config.
+
+Loading is a strict `load_state_dict` onto a model built on the meta device; saving is atomic (temp file, rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import load_config
+from .model import Decoder
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards named by the index, else every `*.safetensors`."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [model_dir / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"shards listed in {index} are missing: {missing}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors in {model_dir}; for the default Gemma 3 270M run `python -m data_prep.gemma`"
+        )
+    return files
+
+
+def read_safetensors(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> tuple[dict, dict]:
+    """(tensors, metadata) of one file, each tensor cast to `dtype` as it is read to keep peak memory low."""
+    tensors = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        metadata = f.metadata() or {}
+        for key in f.keys():
+            t = f.get_tensor(key)
+            tensors[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return tensors, metadata
+
+
+def load_decoder(model_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> Decoder:
+    """Build the decoder of `model_dir/config.json` on the meta device and load its weights strictly."""
+    config = load_config(model_dir)
+    with torch.device("meta"):
+        model = Decoder(config)
+    state = {}
+    for path in checkpoint_files(model_dir):
+        state.update(read_safetensors(path, device, dtype)[0])
+    if config.tie_word_embeddings:
+        # Some exporters write the tied head anyway; it is the embedding matrix by definition.
+        state.pop("lm_head.weight", None)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint in {model_dir} does not match its config.json: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for key, tensor in state.items():
+        want = expected[key].shape
+        if tensor.shape != want:
+            raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(want)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def atomic_write_bytes(path: str | Path, write) -> None:
+    """Call `write(tmp_path)`, then rename the temp file onto `path`, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Save tensors as safetensors with `config` as JSON metadata under the key "config", atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {"format": "pt", "config": json.dumps(config, sort_keys=True)}
+    atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_tensors(path: str | Path, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, config) from a file written by `save_tensors`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    tensors, metadata = read_safetensors(path, device)
+    if "config" not in metadata:
+        raise ValueError(f"{path} has no xcross config in its metadata; was it written by xcross?")
+    return tensors, json.loads(metadata["config"])
