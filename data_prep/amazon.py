@@ -1,0 +1,181 @@
+"""Import a domain from the Amazon review releases of 2014 (metadata as Python literals), 2018 and 2023, .gz or plain.
+Usage: python -m data_prep.amazon --reviews F --meta F --domain NAME --out DIR [--format auto|2014|2018|2023]"""
+
+from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__" and not __package__:
+    # Run by path, this file's folder would lead sys.path and data_prep/csv.py would shadow the stdlib's csv.
+    sys.exit("error: run this importer as a module from the repository root: python -m data_prep.amazon --help")
+
+import argparse
+import ast
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep.pipeline import (
+    DataError,
+    PrepConfig,
+    RawDomain,
+    Tally,
+    add_pipeline_arguments,
+    check_domain_name,
+    config_from_args,
+    describe_source,
+    prepare_domain,
+    read_lines,
+    require_files,
+    run_cli,
+    string_field,
+    time_field,
+)
+
+
+@dataclass(frozen=True)
+class Release:
+    """Where one release keeps the fields the pipeline needs."""
+
+    user: str
+    item: str
+    time: str
+    meta_item: str
+    literal: bool  # records may be Python literals (single quotes), parsed with ast.literal_eval
+
+
+RELEASES = {
+    # 2014: reviews are JSON, metadata lines are Python dict literals.
+    "2014": Release(user="reviewerID", item="asin", time="unixReviewTime", meta_item="asin", literal=True),
+    "2018": Release(user="reviewerID", item="asin", time="unixReviewTime", meta_item="asin", literal=False),
+    # 2023: parent_asin groups an item's variants and is the id the metadata uses; timestamps are in ms.
+    "2023": Release(user="user_id", item="parent_asin", time="timestamp", meta_item="parent_asin", literal=False),
+}
+
+
+def parse_record(text: str, literal: bool) -> dict | None:
+    """A dict from a JSON line (or a Python literal line where allowed); None for anything else."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        if not literal:
+            return None
+        try:
+            record = ast.literal_eval(text)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return None
+    return record if isinstance(record, dict) else None
+
+
+def first_record(path: Path) -> dict | None:
+    """The first parseable record of a file, as JSON or a Python literal; None if there is none."""
+    for _, text in read_lines(path, Tally(), progress=False):
+        if text.strip():
+            return parse_record(text, literal=True)
+    return None
+
+
+def detect_release(reviews: Path, meta: Path) -> str:
+    """The release from the first records: 2023 names its fields user_id/parent_asin; 2014 metadata is no JSON."""
+    review = first_record(reviews)
+    if review is not None and "parent_asin" in review:
+        return "2023"
+    if review is not None and "reviewerID" in review:
+        for _, text in read_lines(meta, Tally(), progress=False):
+            if text.strip():
+                return "2018" if parse_record(text, literal=False) is not None else "2014"
+    raise DataError(f"cannot tell the release of {reviews} from its first record; pass --format 2014, 2018 or 2023")
+
+
+def read_reviews(path: Path, release: Release, raw: RawDomain) -> None:
+    tally = raw.tally
+    for lineno, text in read_lines(path, tally):
+        if not text.strip():
+            continue
+        raw.interaction_records += 1
+        where = f"{path.name}:{lineno}"
+        record = parse_record(text, release.literal)
+        if record is None:
+            tally.problem("malformed_lines", where, "not a JSON object")
+            continue
+        user = string_field(record, release.user, tally, where)
+        if user is None:
+            continue
+        item = string_field(record, release.item, tally, where)
+        if item is None:
+            continue
+        time = time_field(record, release.time, tally, where)
+        if time is None:
+            continue
+        raw.add_interaction(user, item, time)
+
+
+def read_metadata(path: Path, release: Release, raw: RawDomain) -> None:
+    tally = raw.tally
+    for lineno, text in read_lines(path, tally):
+        if not text.strip():
+            continue
+        raw.item_records += 1
+        where = f"{path.name}:{lineno}"
+        record = parse_record(text, release.literal)
+        if record is None:
+            tally.problem("malformed_lines", where, "not a JSON object" + (" or Python literal" * release.literal))
+            continue
+        item = string_field(record, release.meta_item, tally, where)
+        if item is not None:
+            raw.add_item(item, record.get("title"), where)
+
+
+def import_amazon(
+    reviews: str | Path,
+    meta: str | Path,
+    *,
+    domain: str,
+    out_dir: str | Path,
+    release: str = "auto",
+    config: PrepConfig = PrepConfig(),
+) -> dict:
+    """Import one Amazon category (a reviews file and its metadata file) into `<out_dir>/<domain>/`; return its meta.
+
+    >>> import_amazon("Toys_and_Games.jsonl.gz", "meta_Toys_and_Games.jsonl.gz",
+    ...               domain="toys", out_dir="data/amazon23")  # doctest: +SKIP
+    """
+    reviews, meta, out_dir = Path(reviews), Path(meta), Path(out_dir)
+    check_domain_name(domain)
+    require_files(reviews, meta)
+    if release == "auto":
+        release = detect_release(reviews, meta)
+    if release not in RELEASES:
+        raise DataError(f"unknown release {release!r}; use auto, 2014, 2018 or 2023")
+    fields = RELEASES[release]
+    raw = RawDomain(Tally(config.strict))
+    # Reviews first: then only the titles of items someone reviewed are kept from a metadata file of millions.
+    read_reviews(reviews, fields, raw)
+    read_metadata(meta, fields, raw)
+    sources = [describe_source(reviews, "reviews", out_dir), describe_source(meta, "meta", out_dir)]
+    return prepare_domain(
+        raw, domain=domain, out_dir=out_dir, config=config, source_format=f"amazon-{release}", sources=sources,
+        interactions_name=reviews.name,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.amazon", description=__doc__.splitlines()[0])
+    parser.add_argument("--reviews", type=Path, required=True, help="reviews file (.json, .jsonl, optionally .gz)")
+    parser.add_argument("--meta", type=Path, required=True, help="metadata file of the same category")
+    parser.add_argument("--domain", required=True, help="name of the output folder, e.g. toys")
+    parser.add_argument("--out", type=Path, required=True, help="data directory; the domain goes to OUT/DOMAIN")
+    parser.add_argument("--format", default="auto", choices=["auto", *RELEASES], help="release of the files")
+    add_pipeline_arguments(parser)
+    args = parser.parse_args(argv)
+
+    def job():
+        meta = import_amazon(args.reviews, args.meta, domain=args.domain, out_dir=args.out, release=args.format,
+                             config=config_from_args(args))
+        return [(meta, args.out)]
+
+    return run_cli(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
