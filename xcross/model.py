@@ -98,6 +98,9 @@ class KVCache:
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
 
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -132,11 +135,14 @@ class Attention(nn.Module):
         q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)  # (n·B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        gqa = {}
         if self.num_kv_heads != self.num_heads:
-            groups = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+            if _SDPA_HAS_GQA:  # shares each key/value head across its query heads without copying
+                gqa = {"enable_gqa": True}
+            else:
+                groups = self.num_heads // self.num_kv_heads
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, **gqa)
         out = out.view(n, B, self.num_heads, T, self.head_dim).transpose(2, 3).reshape(n, B, T, -1)
         return self.o_proj(out)
 

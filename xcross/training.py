@@ -1,0 +1,437 @@
+"""One `fit` loop and one `evaluate` function for every method: listwise training over packed candidates,
+resumable checkpoints, model selection on validation, and multi-process data parallelism (torchrun)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import Example, PromptBuilder, collate, pack, sample_candidates
+from .metrics import per_user_metrics, summarise
+from .weights import atomic_write_text, load_tensors, save_tensors
+from .xcross import CHECKPOINT_FORMAT, XCrossModel, base_signature
+
+SELECTION_METRIC = "mrr"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a training run computes (saved as the run's resolved config)."""
+
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs when reached first)
+    batch_size: int = 8  # examples per optimizer step, over all processes
+    lr: float = 2e-4  # adapters, head and stream weights
+    integrator_lr: float = 1e-3  # integrators start at zero and are small linear maps: they get their own rate
+    weight_decay: float = 0.0
+    warmup: float = 0.1  # fraction of the steps spent warming up linearly; then linear decay to zero
+    grad_clip: float = 1.0
+    train_candidates: int = 8  # candidates per training example (target + fresh negatives every epoch)
+    eval_every: int | None = None  # validate every N steps (default: at the end of every epoch)
+    checkpoint_every: int = 50
+    log_every: int = 10
+    eval_batch_size: int = 8
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient became NaN/inf; the message names the step."""
+
+
+# -- distributed helpers ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo()
+
+
+def init_distributed(device: str) -> DistInfo:
+    """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist_info()
+
+
+def _barrier() -> None:
+    if dist_info().world > 1:
+        dist.barrier()
+
+
+# -- data ------------------------------------------------------------------------------------------------------------
+
+
+def select_users(examples: list[Example], fraction: float = 1.0, max_users: int | None = None,
+                 seed: int = 0) -> list[Example]:
+    """The examples of a seeded subset of users: first at most `max_users`, then a fraction of those.
+
+    Users are taken in one seeded order, so a smaller fraction's users are a subset of a larger one's."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    users = sorted({e.user_id for e in examples})
+    order = np.random.default_rng([seed, 1]).permutation(len(users))
+    pool = [users[i] for i in order[: max_users or len(users)]]
+    keep = set(pool[: max(1, math.ceil(fraction * len(pool)))])
+    return [e for e in examples if e.user_id in keep]
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, 2, epoch]).permutation(n)
+
+
+def training_batch(examples: list[Example], indices: np.ndarray, epoch: int, builder: PromptBuilder,
+                   item_ids: np.ndarray, num_candidates: int, seed: int, pad_id: int):
+    """Packed batch of the given examples with negatives drawn for (seed, epoch, example): independent of batching,
+    process count and resumption."""
+    packed, labels = [], []
+    for i in indices:
+        ex = examples[i]
+        rng = np.random.default_rng([seed, 3, epoch, int(i)])
+        cands, label = sample_candidates(ex, item_ids, num_candidates, rng)
+        packed.append(pack(builder.prefix(ex.history), [builder.candidate(c) for c in cands]))
+        labels.append(label)
+    return collate(packed, pad_id, labels)
+
+
+# -- evaluation ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    scores: np.ndarray  # (N, C)
+    labels: np.ndarray  # (N,)
+    user_ids: list[str]
+
+    def metrics(self, bootstrap: int = 1000, seed: int = 0) -> dict:
+        return summarise(per_user_metrics(self.scores, self.labels), bootstrap, seed)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, scores=self.scores, labels=self.labels, user_ids=np.array(self.user_ids))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> EvalResult:
+        z = np.load(path)
+        return cls(z["scores"], z["labels"], [str(u) for u in z["user_ids"]])
+
+
+@torch.no_grad()
+def evaluate(model: XCrossModel, examples: list[Example], builder: PromptBuilder, batch_size: int = 8,
+             device="cpu", desc: str = "evaluate", progress: bool = True) -> EvalResult:
+    """Score every example's stored candidates; in a torchrun group each process scores a shard."""
+    info = dist_info()
+    was_training = model.training
+    model.eval()
+    mine = list(range(info.rank, len(examples), info.world))
+    scores = np.zeros((len(mine), len(examples[0].candidates)), dtype=np.float32) if mine else np.zeros((0, 0))
+    pad = builder.tokenizer.pad_id or 0
+    bar = tqdm(total=len(mine), desc=desc, unit="user", disable=not (progress and info.main), leave=False)
+    for start in range(0, len(mine), batch_size):
+        chunk = [examples[i] for i in mine[start:start + batch_size]]
+        packed = [pack(builder.prefix(e.history), [builder.candidate(c) for c in e.candidates]) for e in chunk]
+        batch = collate(packed, pad).to(device)
+        scores[start:start + len(chunk)] = model.score(batch).float().cpu().numpy()
+        bar.update(len(chunk))
+    bar.close()
+    model.train(was_training)
+    if info.world > 1:
+        gathered = [None] * info.world
+        dist.all_gather_object(gathered, (mine, scores))
+        full = np.zeros((len(examples), scores.shape[1] if len(scores) else 0), dtype=np.float32)
+        for idx, part in gathered:
+            if len(idx):
+                full = full if full.shape[1] else np.zeros((len(examples), part.shape[1]), dtype=np.float32)
+                full[idx] = part
+        scores = full
+    labels = np.array([e.candidates.index(e.target) for e in examples])
+    return EvalResult(scores, labels, [e.user_id for e in examples])
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved with every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    examples_seen: int = 0
+    best_metric: float = -math.inf
+    best_step: int = -1
+    history: list = field(default_factory=list)  # validation results so far
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpoints:
+    """`<run>/ckpt/step-N/` directories written whole under a temporary name and renamed into place; the file
+    `LATEST` (replaced atomically) names the newest complete one."""
+
+    def __init__(self, run_dir: Path, keep: int = 2):
+        self.root = run_dir / "ckpt"
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "LATEST"
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if path.is_dir() else None
+
+    def save(self, model: XCrossModel, optimizer, scheduler, progress: Progress, rng: dict) -> None:
+        info = dist_info()
+        name = f"step-{progress.step:08d}"
+        final = self.root / name
+        tmp = self.root / f".{name}.tmp"
+        if info.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_tensors(tmp / "trained.safetensors", model.trained_tensors(), {"format": CHECKPOINT_FORMAT})
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "progress": asdict(progress)}, tmp / "state.pt")
+        _barrier()
+        torch.save(rng, tmp / f"rng-{info.rank}.pt")  # every process keeps its own dropout stream
+        _barrier()
+        if info.main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            atomic_write_text(self.root / "LATEST", name + "\n")
+            for old in sorted(p for p in self.root.glob("step-*") if p.is_dir())[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+
+    def load(self, path: Path, model: XCrossModel, optimizer, scheduler, device) -> tuple[Progress, dict | None]:
+        tensors, _ = load_tensors(path / "trained.safetensors", device)
+        model.load_trained(tensors)
+        state = torch.load(path / "state.pt", map_location=device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rng_file = path / f"rng-{dist_info().rank}.pt"
+        rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
+        return Progress(**state["progress"]), rng
+
+
+# -- the loop --------------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model: XCrossModel, config: TrainConfig, total_steps: int):
+    groups = model.parameter_groups()
+    param_groups = []
+    for name in sorted(model.trainable):
+        params = [p for _, p in groups[name]]
+        if params:
+            lr = config.integrator_lr if name == "integrators" else config.lr
+            param_groups.append({"params": params, "lr": lr, "name": name})
+    if not param_groups:
+        raise ValueError("this model has nothing to train (method 'source' is evaluated zero-shot)")
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
+    warmup = max(1, int(config.warmup * total_steps))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+@contextlib.contextmanager
+def _graceful_stop():
+    """Turn Ctrl-C / SIGTERM into a request the loop honours between steps (after saving a checkpoint)."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        if flag["stop"]:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over processes in one flat buffer (the loss is already divided by the global batch)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p)
+        offset += n
+
+
+def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder: PromptBuilder, item_ids: list[str],
+        config: TrainConfig, run_dir: str | Path, save_best, resume: bool = False, device="cpu",
+        progress: bool = True) -> dict:
+    """Train `model`'s trainable groups on `train`, validating on `valid`; `save_best(path)` writes the best
+    weights. Returns a summary (steps, examples seen, best validation, timings)."""
+    info = dist_info()
+    run_dir = Path(run_dir)
+    if not train:
+        raise ValueError("no training examples")
+    if config.batch_size % info.world:
+        raise ValueError(f"batch size {config.batch_size} must be a multiple of the process count {info.world}")
+    items = np.array(item_ids)
+    pad = builder.tokenizer.pad_id or 0
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    optimizer, scheduler = make_optimizer(model, config, total)
+    params = [p for _, p in model.trainable_parameters()]
+    checkpoints = Checkpoints(run_dir)
+    log_path = run_dir / "log.jsonl"
+
+    state = Progress()
+    torch.manual_seed(config.seed + info.rank)
+    if resume and (latest := checkpoints.latest()) is not None:
+        state, rng = checkpoints.load(latest, model, optimizer, scheduler, device)
+        if rng is not None:
+            _set_rng_state(rng)
+        if info.main:
+            print(f"resumed from {latest} (step {state.step}/{total})")
+    elif info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_path.unlink(missing_ok=True)
+
+    def log(record: dict) -> None:
+        if info.main:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def validate() -> None:
+        result = evaluate(model, valid, builder, config.eval_batch_size, device, desc="validate", progress=progress)
+        metrics = result.metrics(bootstrap=0)
+        value = metrics[SELECTION_METRIC]["mean"]
+        record = {"step": state.step, "valid": {k: v["mean"] for k, v in metrics.items()}}
+        state.history.append(record)
+        log(record)
+        if value > state.best_metric:
+            state.best_metric, state.best_step = value, state.step
+            if info.main:
+                save_best(run_dir / "best.safetensors")
+        _barrier()
+
+    model.train()
+    start_time, start_step = time.perf_counter(), state.step
+    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not (progress and info.main))
+    stopped = False
+    with _graceful_stop() as stop:
+        while state.step < total:
+            order = epoch_order(len(train), state.epoch, config.seed)
+            while state.batch_in_epoch < steps_per_epoch and state.step < total:
+                if stop["stop"]:
+                    stopped = True
+                    break
+                b = state.batch_in_epoch
+                global_idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+                mine = global_idx[info.rank::info.world]
+                batch = training_batch(train, mine, state.epoch, builder, items, config.train_candidates,
+                                       config.seed, pad).to(device)
+                scores = model.score(batch)
+                # Sum over this process's examples / global batch size: summed over processes, the mean loss.
+                loss = F.cross_entropy(scores, batch.labels, reduction="sum") / len(global_idx)
+                loss.backward()
+                if info.world > 1:
+                    _all_reduce_grads(params)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                loss_value = loss.detach()
+                if info.world > 1:
+                    dist.all_reduce(loss_value)
+                if not (torch.isfinite(loss_value) and torch.isfinite(grad_norm)):
+                    raise TrainingDiverged(
+                        f"non-finite {'loss' if not torch.isfinite(loss_value) else 'gradient'} at step {state.step} "
+                        f"(epoch {state.epoch}); nothing was updated. Lower --lr/--integrator-lr or set a "
+                        "coefficient bound; the last good checkpoint is in " + str(checkpoints.root))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.batch_in_epoch += 1
+                state.examples_seen += len(global_idx)
+                bar.update(1)
+                if state.step % config.log_every == 0 or state.step == total:
+                    elapsed = time.perf_counter() - start_time
+                    rate = (state.step - start_step) * config.batch_size / max(elapsed, 1e-9)
+                    record = {"step": state.step, "epoch": state.epoch, "loss": loss_value.item(),
+                              "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr(),
+                              "examples_per_s": rate}
+                    if model.integrators is not None:
+                        record["integrators"] = model.coefficient_stats(batch)
+                        model.train()
+                    log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", ex_s=f"{rate:.1f}")
+                if config.eval_every and state.step % config.eval_every == 0:
+                    validate()
+                if state.step % config.checkpoint_every == 0:
+                    checkpoints.save(model, optimizer, scheduler, state, _rng_state())
+            if stopped:
+                break
+            if state.batch_in_epoch >= steps_per_epoch:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                if not config.eval_every:
+                    validate()
+    bar.close()
+    if stopped:
+        # The signal only set a flag, so no step was cut short: this is exactly the state after the last step.
+        checkpoints.save(model, optimizer, scheduler, state, _rng_state())
+        raise KeyboardInterrupt(f"stopped at step {state.step}; continue with --resume")
+    if not state.history or state.history[-1]["step"] != state.step:
+        validate()
+    checkpoints.save(model, optimizer, scheduler, state, _rng_state())
+    elapsed = time.perf_counter() - start_time
+    return {"steps": state.step, "epochs_completed": state.epoch, "examples_seen": state.examples_seen,
+            "train_examples": len(train), "best_step": state.best_step,
+            "best_valid": {SELECTION_METRIC: state.best_metric}, "valid_history": state.history,
+            "train_seconds": elapsed}
