@@ -4,7 +4,10 @@ on the target, model-selected on validation and tested. `python train.py --help`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+import torch
 
 from xcross.experiment import PRESETS, RunSpec, UsageError, apply_preset, format_table, prepare_inputs, run
 from xcross.experiment import comparison_rows
@@ -36,6 +39,7 @@ TRAIN_FLAGS = {
     "eval_every": (int, "validate every N steps (default: every epoch)"),
     "checkpoint_every": (int, "checkpoint every N steps"),
     "eval_batch_size": (int, "users per evaluation batch"),
+    "log_every": (int, "log loss and integrator statistics every N steps"),
     "seed": (int, "seed of every random choice (default 0)"),
 }
 
@@ -75,10 +79,19 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:  # last: rank 0 still needs the group while it prints
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         spec = prepare_inputs(spec_from_args(args))
-        print(f"preset {spec.preset}: {spec.preset_reason}")
+        if int(os.environ.get("RANK", 0)) == 0:  # the process group does not exist yet
+            print(f"preset {spec.preset}: {spec.preset_reason}")
         results = run(spec, resume=args.resume, progress=not args.quiet)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

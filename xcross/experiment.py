@@ -306,6 +306,9 @@ def run(spec: RunSpec, decoder=None, resume: bool = False, progress: bool = True
     train = train_examples(domain, spec)
     valid = eval_examples(domain, "valid", spec)
     test = eval_examples(domain, "test", spec)
+    # torch seeds itself randomly per process: without this every run, and every torchrun rank, would start from
+    # its own LoRA A and head initialisation.
+    torch.manual_seed(spec.train.seed)
     model = build_for(spec, decoder, adapters)
     report = model.parameter_report()
     run_dir = spec.run_dir
@@ -468,7 +471,7 @@ def plot_curve(rows: list[dict], path: Path, target: str) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in sorted({r["method"] for r in rows}):
+    for method in sorted({r["method"] for r in rows if not r.get("baseline")}):  # baselines: lines, below
         pts = sorted((r["fraction"], r["hit@1"]) for r in rows if r["method"] == method)
         x = [p[0] for p in pts]
         y = [p[1]["mean"] for p in pts]

@@ -1,0 +1,171 @@
+"""A tiny self-contained setup for end-to-end tests of train.py / evaluate.py: a small synthetic world and a random
+tiny Gemma 3 model directory (BPE tokenizer trained on the world's titles), both deterministic by seed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from data_prep.synthetic import WorldConfig, generate_world
+from tests.tiny import TINY_GEMMA
+from xcross.config import config_from_dict
+from xcross.data import PromptTemplate
+from xcross.model import Decoder
+from xcross.weights import read_safetensors
+
+REPO = Path(__file__).resolve().parents[1]
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")  # ids 0, 1, 2 as Gemma's
+
+# 48 items a domain (4 interests of 12): a user buys at most 12, so C = 20 candidates always find 19 negatives, and
+# ~100 users a domain keep almost every item through the 5-core filter. Four interests rather than ten give a tiny
+# random model few enough clusters to learn in seconds (an interest oracle's MRR is ~0.55, popularity's ~0.3).
+TINY_WORLD = dict(users_per_domain=100, items_per_interest=12, max_length=12, domains=("toys", "tools", "sports"),
+                  interests=("camping", "cooking", "music", "gardening"))
+
+
+def make_world(out_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny synthetic world (processed domains under `out_dir`)."""
+    generate_world(out_dir, WorldConfig(seed=seed, **{**TINY_WORLD, **overrides}))
+    return out_dir
+
+
+def world_titles(world_dir: Path) -> list[str]:
+    """Every item title of every processed domain, in a fixed order."""
+    titles = []
+    for items in sorted(world_dir.glob("*/items.jsonl")):
+        titles += [json.loads(line)["title"] for line in items.read_text(encoding="utf-8").splitlines()]
+    return titles
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 1000):
+    """A byte-level BPE (any text encodes) with the special tokens first: <pad>=0, <eos>=1, <bos>=2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def make_model_dir(out_dir: Path, world_dir: Path, seed: int = 0, vocab_size: int = 1000, **config) -> Path:
+    """An HF-layout model directory: tokenizer.json trained on the world's titles (and the prompt template),
+    a tiny Gemma 3 text config.json and random weights in model.safetensors."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    template = PromptTemplate()
+    tokenizer = train_tokenizer(world_titles(world_dir) + [template.header, template.question], vocab_size)
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == token_id, (token, tokenizer.token_to_id(token))
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    raw = {**TINY_GEMMA, "architectures": ["Gemma3ForCausalLM"], "vocab_size": tokenizer.get_vocab_size(),
+           "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "rms_norm_eps": 1e-6,
+           "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True, "torch_dtype": "float32",
+           **config}
+    (out_dir / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    torch.manual_seed(seed)
+    decoder = Decoder(config_from_dict(raw))
+    state = {k: v.detach().contiguous() for k, v in decoder.state_dict().items()}
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one intra-op thread meanwhile: on this shared 2-core machine two threads can be 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- running the CLIs ------------------------------------------------------------------------------------------------
+
+
+def cli_env() -> dict:
+    """The environment of CLI subprocesses: one intra-op thread each (the machine is shared), no tqdm noise."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def common_flags(world: Path, model: Path, out: Path, **flags) -> list[str]:
+    """`--data-dir ... --model-dir ... --out ... --device cpu --dtype float32 --quiet` plus `--key value` flags
+    (underscores become dashes; True gives a bare switch)."""
+    args = ["--data-dir", str(world), "--model-dir", str(model), "--out", str(out), "--device", "cpu",
+            "--dtype", "float32", "--quiet"]
+    for key, value in flags.items():
+        if value is False or value is None:
+            continue
+        args.append("--" + key.replace("_", "-"))
+        if value is not True:
+            args.append(str(value))
+    return args
+
+
+def run_cli(script: str, args: list[str], timeout: float = 300, launcher: list[str] | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python <script> <args>` from the repository root, captured; `launcher` replaces `python` (torchrun)."""
+    command = [*(launcher or [sys.executable]), script, *args]
+    return subprocess.run(command, cwd=REPO, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def interrupt_when(command: list[str], ready, timeout: float = 120, poll: float = 0.05,
+                   env: dict | None = None) -> subprocess.CompletedProcess:
+    """Start `command` (cwd = repository root), send it SIGINT as soon as `ready()` is true, and wait for it to
+    finish (stdout and stderr captured)."""
+    proc = subprocess.Popen(command, cwd=REPO, env=env or cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    start = time.monotonic()
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                out, err = proc.communicate()
+                raise AssertionError(f"exited with {proc.returncode} before it could be interrupted:\n{out}\n{err}")
+            if time.monotonic() - start > timeout:
+                raise AssertionError(f"not ready after {timeout} s")
+            time.sleep(poll)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+# -- reading run outputs ---------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The step directory that `ckpt/LATEST` names."""
+    root = run_dir / "ckpt"
+    return root / (root / "LATEST").read_text().strip()
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return read_safetensors(path)[0]
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest elementwise difference between two tensor dicts with the same keys and shapes."""
+    assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))
+    worst = 0.0
+    for k in a:
+        assert a[k].shape == b[k].shape, (k, a[k].shape, b[k].shape)
+        worst = max(worst, (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0)
+    return worst

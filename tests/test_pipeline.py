@@ -1,0 +1,391 @@
+"""End to end through the CLIs on a tiny synthetic world and a tiny random Gemma 3: train.py (X-Cross with its two
+source LoRAs, a target LoRA), evaluate.py (table, curve), the usage errors, and that short training learns."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import evaluate as evaluate_cli
+import train as train_cli
+from tests.pipeline_fixtures import (
+    common_flags, latest_checkpoint, make_model_dir, make_world, one_thread, read_jsonl, run_cli, tensors,
+)
+from xcross.config import load_config
+from xcross.data import PromptBuilder, load_domain
+from xcross.experiment import RunSpec, eval_examples, popularity_scores
+from xcross.metrics import METRICS
+from xcross.tokenizer import Tokenizer
+from xcross.training import evaluate
+from xcross.weights import load_decoder, load_tensors
+from xcross.xcross import ADAPTER_FORMAT, CHECKPOINT_FORMAT, build_model
+
+TARGET = "toys"
+SOURCES = ["sports", "tools"]  # the world's other domains, the default sources
+C = 20  # candidates stored per validation/test user
+# Small enough that a whole train.py run takes seconds: 24 training users (one example each) in 3 steps of 8.
+SMALL = dict(max_train_users=24, max_eval_users=24, batch_size=8, epochs=1, history_len=3, title_tokens=8,
+             train_candidates=4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipeline")
+    world = make_world(root / "world")
+    return {"root": root, "world": world, "model": make_model_dir(root / "model", world)}
+
+
+@pytest.fixture(scope="module")
+def flags(setup) -> list[str]:
+    return common_flags(setup["world"], setup["model"], setup["root"] / "runs", target=TARGET, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def xcross_run(setup, flags):
+    """`train.py --method xcross` from scratch: it trains both source LoRAs first."""
+    proc = run_cli("train.py", [*flags, "--method", "xcross"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def lora_run(setup, flags, xcross_run):
+    proc = run_cli("train.py", [*flags, "--method", "lora"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def comparison(setup, flags, lora_run):
+    proc = run_cli("evaluate.py", flags)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+# -- independent references --------------------------------------------------------------------------------------
+
+
+def hand_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Mean Hit@1, Hit@3 and MRR, ties broken uniformly at random in expectation, one user at a time."""
+    hit1, hit3, rr = [], [], []
+    for row, label in zip(scores.tolist(), labels.tolist()):
+        true = row[label]
+        above = sum(s > true for s in row)
+        tied = sum(s == true for s in row)  # the true item included
+        ranks = range(above + 1, above + tied + 1)
+        hit1.append(sum(r <= 1 for r in ranks) / tied)
+        hit3.append(sum(r <= 3 for r in ranks) / tied)
+        rr.append(sum(1 / r for r in ranks) / tied)
+    return {"hit@1": float(np.mean(hit1)), "hit@3": float(np.mean(hit3)), "mrr": float(np.mean(rr))}
+
+
+def lora_parameters(config, rank: int) -> int:
+    """rank · (in + out) for every adapted projection of every layer (all seven default targets)."""
+    d, inner = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, inner), (d, inner), (inner, d)]
+    return config.num_hidden_layers * sum(rank * (i + o) for i, o in shapes)
+
+
+def head_parameters(d: int) -> int:
+    return d * d + d + d + 1  # dense (W_p, b_p) and out (v, c)
+
+
+def table_rows(stdout: str) -> list[str]:
+    """The method names of a printed results table (the lines after the dashed rule)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("---")) + 1
+    rows = []
+    for line in lines[start:]:
+        if not line.strip() or line.startswith("wrote"):
+            break
+        rows.append(line.split()[0])
+    return rows
+
+
+# -- the tiny setup ----------------------------------------------------------------------------------------------
+
+
+def test_tiny_setup_is_deterministic_and_loads(setup, tmp_path):
+    world = make_world(tmp_path / "world")
+    model = make_model_dir(tmp_path / "model", world)
+    for name in ("toys/items.jsonl", "toys/train.jsonl", "toys/valid.jsonl", "sports/test.jsonl"):
+        assert (world / name).read_bytes() == (setup["world"] / name).read_bytes(), name
+    for name in ("tokenizer.json", "config.json", "model.safetensors"):
+        assert (model / name).read_bytes() == (setup["model"] / name).read_bytes(), name
+    tokenizer = Tokenizer.from_dir(model)
+    assert (tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id) == (0, 1, 2)
+    assert [tokenizer.backend.id_to_token(i) for i in range(3)] == ["<pad>", "<eos>", "<bos>"]
+    title = json.loads((world / "toys" / "items.jsonl").read_text().splitlines()[0])["title"]
+    assert tokenizer.decode(tokenizer.encode(title)) == title
+    decoder = load_decoder(model)  # strict: every key of the config's model, nothing else
+    assert decoder.config.vocab_size == tokenizer.vocab_size == 1000
+
+
+# -- train.py ----------------------------------------------------------------------------------------------------
+
+
+def test_train_xcross_trains_sources_and_prints_the_table(setup, xcross_run):
+    out = setup["root"] / "runs"
+    for source in SOURCES:
+        assert f"source {source}: training a LoRA adapter" in xcross_run.stdout
+        adapter = out / source / "lora" / "best.safetensors"
+        _, config = load_tensors(adapter)
+        assert config["format"] == ADAPTER_FORMAT and config["domain"] == source
+        assert json.loads((out / source / "lora" / "results.json").read_text())["completed"]
+    assert f"test results on {TARGET}" in xcross_run.stdout
+    assert all(m in xcross_run.stdout for m in METRICS)
+    assert table_rows(xcross_run.stdout) == ["xcross"]
+
+
+def test_xcross_run_directory(setup, xcross_run):
+    run_dir = setup["root"] / "runs" / TARGET / "xcross"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["method"] == "xcross" and results["target"] == TARGET and results["sources"] == SOURCES
+    assert set(results["test"]) == set(METRICS)
+    for name, m in results["test"].items():
+        assert 0 <= m["low"] <= m["mean"] <= m["high"] <= 1, (name, m)
+
+    # Trainable parameters, counted by hand from the model config: integrators, w and head only.
+    config = load_config(setup["model"])
+    n, d, layers = 2, config.hidden_size, config.num_hidden_layers
+    integrators = layers * (2 * n * (n - 1)) * (n * d + 1)
+    params = results["parameters"]
+    assert params["trainable_by_group"] == {"head": head_parameters(d), "integrators": integrators,
+                                            "stream_weights": n}
+    assert params["trainable"] == integrators + n + head_parameters(d)
+    lora_target = lora_parameters(config, rank=8) + head_parameters(d)
+    assert params["target_lora_equivalent"] == lora_target
+    assert params["ratio_to_target_lora"] == pytest.approx(params["trainable"] / lora_target)
+
+    # The resolved config round-trips and holds what the flags asked for.
+    saved = json.loads((run_dir / "config.json").read_text())
+    spec = RunSpec.from_dict(saved)
+    assert spec.to_dict() == saved
+    assert (spec.target, spec.method, spec.sources) == (TARGET, "xcross", SOURCES)
+    assert (spec.history_len, spec.title_tokens, spec.max_train_users, spec.max_eval_users) == (3, 8, 24, 24)
+    assert (spec.train.batch_size, spec.train.epochs, spec.train.train_candidates) == (8, 1, 4)
+    assert (spec.device, spec.dtype) == ("cpu", "float32")
+
+    # 24 users with one example each (the cpu preset's max_examples_per_user) in batches of 8: 3 steps.
+    assert results["training"]["train_examples"] == 24
+    assert results["training"]["steps"] == 3
+    assert results["test_users"] == 24
+
+
+def test_xcross_outputs_reproduce(setup, xcross_run):
+    """test_scores.npz holds the stored candidates' order and is what best.safetensors scores; results.json's
+    metrics are those of the scores (recomputed by hand)."""
+    run_dir = setup["root"] / "runs" / TARGET / "xcross"
+    spec = RunSpec.from_dict(json.loads((run_dir / "config.json").read_text()))
+    results = json.loads((run_dir / "results.json").read_text())
+    saved = np.load(run_dir / "test_scores.npz")
+    scores, labels, users = saved["scores"], saved["labels"], [str(u) for u in saved["user_ids"]]
+    assert scores.shape == (24, C) and len(set(users)) == 24
+
+    stored = {row["user_id"]: row for row in read_jsonl(setup["world"] / TARGET / "test.jsonl")}
+    for user, label in zip(users, labels):
+        assert stored[user]["candidates"][label] == stored[user]["target"]
+    for name, value in hand_metrics(scores, labels).items():
+        assert results["test"][name]["mean"] == pytest.approx(value, abs=1e-9), name
+
+    best, config = load_tensors(run_dir / "best.safetensors")
+    assert config["format"] == CHECKPOINT_FORMAT and config["method"] == "xcross"
+    out = Path(spec.out)
+    assert config["adapters"] == [str(out / s / "lora" / "best.safetensors") for s in SOURCES]
+    d, layers = load_config(setup["model"]).hidden_size, load_config(setup["model"]).num_hidden_layers
+    want = {"stream_weights": (2,), "head.dense.weight": (d, d), "head.dense.bias": (d,),
+            "head.out.weight": (1, d), "head.out.bias": (1,)}
+    for i in range(layers):
+        want |= {f"integrators.{i}.weight": (4, 2 * d), f"integrators.{i}.bias": (4,)}
+    assert {k: tuple(v.shape) for k, v in best.items()} == want
+
+    model = build_model(load_decoder(setup["model"]), "xcross", config["adapters"])
+    model.load_trained(best)
+    domain = load_domain(setup["world"] / TARGET)
+    test = eval_examples(domain, "test", spec)
+    assert [e.user_id for e in test] == users
+    builder = PromptBuilder(Tokenizer.from_dir(setup["model"]), domain.items, spec.title_tokens, spec.history_len)
+    again = evaluate(model, test, builder, batch_size=8, progress=False)
+    np.testing.assert_allclose(again.scores, scores, atol=1e-5, rtol=0)
+
+
+def test_xcross_training_log(setup, xcross_run):
+    run_dir = setup["root"] / "runs" / TARGET / "xcross"
+    records = read_jsonl(run_dir / "log.jsonl")
+    train_records = [r for r in records if "loss" in r]
+    valid_records = [r for r in records if "valid" in r]
+    layers = load_config(setup["model"]).num_hidden_layers
+    assert [r["step"] for r in train_records] == [2, 3]  # log every 2 steps (cpu preset) and at the last one
+    for r in train_records:
+        assert math.isfinite(r["loss"]) and r["loss"] > 0 and math.isfinite(r["grad_norm"])
+        assert len(r["integrators"]) == layers
+        for layer in r["integrators"]:
+            assert 0 <= layer["z1_mean"] <= layer["z1_max"] and 0 <= layer["z2_mean"] <= layer["z2_max"]
+            assert all(math.isfinite(v) for v in layer.values())
+    # The integrators start at zero and have been trained for a few steps: they moved.
+    assert max(layer["z1_max"] for layer in train_records[-1]["integrators"]) > 0
+    assert valid_records and valid_records[-1]["step"] == 3
+    assert set(valid_records[-1]["valid"]) == set(METRICS)
+
+
+# -- evaluate.py -------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_compares_every_method(setup, comparison):
+    target_dir = setup["root"] / "runs" / TARGET
+    expected = ["popularity", *[f"source:{s}" for s in SOURCES], "lora", "xcross"]
+    assert table_rows(comparison.stdout) == expected
+    rows = json.loads((target_dir / "comparison.json").read_text())
+    assert [r["method"] for r in rows] == expected
+    assert all(r["users"] == 24 for r in rows)
+    csv_lines = (target_dir / "comparison.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("method,hit@1_mean,hit@1_low,hit@1_high")
+    assert [line.split(",")[0] for line in csv_lines[1:]] == expected
+
+    by_method = {r["method"]: r for r in rows}
+    for method in ("lora", "xcross"):  # the runs' own test scores, not a new evaluation
+        results = json.loads((target_dir / method / "results.json").read_text())
+        assert by_method[method]["trainable"] == results["parameters"]["trainable"]
+        for name in METRICS:
+            assert by_method[method][name]["mean"] == pytest.approx(results["test"][name]["mean"], abs=1e-12)
+    assert by_method["popularity"]["trainable"] == 0
+
+    # Popularity by hand: training users per item over the stored train rows, on the same 24 test users.
+    users_of: dict[str, set] = {}
+    for row in read_jsonl(setup["world"] / TARGET / "train.jsonl"):
+        for item in [*row["history"], row["target"]]:
+            users_of.setdefault(item, set()).add(row["user_id"])
+    test_rows = {r["user_id"]: r for r in read_jsonl(setup["world"] / TARGET / "test.jsonl")}
+    users = [str(u) for u in np.load(target_dir / "xcross" / "test_scores.npz")["user_ids"]]
+    scores = np.array([[len(users_of.get(c, ())) for c in test_rows[u]["candidates"]] for u in users], float)
+    labels = np.array([test_rows[u]["candidates"].index(test_rows[u]["target"]) for u in users])
+    for name, value in hand_metrics(scores, labels).items():
+        assert by_method["popularity"][name]["mean"] == pytest.approx(value, abs=1e-9), name
+
+
+def test_evaluate_curve(setup, flags, comparison):
+    proc = run_cli("evaluate.py", [*flags, "--curve", "--fractions", "0.5,1.0"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    target_dir = setup["root"] / "runs" / TARGET
+    rows = json.loads((target_dir / "curve.json").read_text())
+    trained = {(r["method"], r["fraction"]): r for r in rows if not r.get("baseline")}
+    assert sorted(trained) == [("lora", 0.5), ("lora", 1.0), ("xcross", 0.5), ("xcross", 1.0)]
+    assert sorted(r["method"] for r in rows if r.get("baseline")) == ["popularity", *[f"source:{s}" for s in SOURCES]]
+    for method in ("lora", "xcross"):
+        full = json.loads((target_dir / method / "results.json").read_text())  # reused, not retrained
+        assert trained[(method, 1.0)]["hit@1"]["mean"] == pytest.approx(full["test"]["hit@1"]["mean"], abs=1e-12)
+        half = json.loads((target_dir / f"{method}-f0.5" / "results.json").read_text())
+        assert half["fraction"] == 0.5 and half["training"]["train_examples"] == 12  # half of the 24 users
+        assert trained[(method, 0.5)]["hit@1"]["mean"] == pytest.approx(half["test"]["hit@1"]["mean"], abs=1e-12)
+    assert len((target_dir / "curve.csv").read_text().splitlines()) == 1 + len(rows)
+    assert (target_dir / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- usage errors ------------------------------------------------------------------------------------------------
+
+
+def test_usage_error_exit_code_through_the_cli(setup, flags):
+    proc = run_cli("train.py", [*flags, "--target", "nosuch"])
+    assert proc.returncode == 2
+    assert "unknown target domain 'nosuch'" in proc.stderr and "sports, tools, toys" in proc.stderr
+
+
+USAGE_ERRORS = {  # id: (flags, what the message says; {world} and {empty} are filled in)
+    "unknown-target": (["--target", "nosuch"],
+                       "unknown target domain 'nosuch'; available in {world}: sports, tools, toys"),
+    "target-is-source": (["--sources", "toys,tools"], "the target 'toys' is also a source"),
+    "unknown-source": (["--sources", "tools,garden"], "unknown source domain(s) ['garden']"),
+    "fraction-0": (["--fraction", "0"], "--fraction must be in (0, 1], got 0.0"),
+    "fraction-1.5": (["--fraction", "1.5"], "--fraction must be in (0, 1], got 1.5"),
+    "missing-source": (["--no-train-sources", "--out", "{empty}"],
+                       "source adapter {empty}/sports/lora/best.safetensors is missing and --no-train-sources is set"),
+    "no-domains": (["--data-dir", "{empty}"], "no processed domains in {empty}"),
+    "too-many-candidates": (["--method", "lora", "--num-candidates", "25", "--out", "{empty}"],
+                            "--num-candidates 25 > the 20 candidates stored"),
+}
+
+
+@pytest.mark.parametrize("cli, case", [(cli, case) for cli in (train_cli, evaluate_cli) for case in USAGE_ERRORS
+                                       if not (cli is evaluate_cli and case == "missing-source")],  # trains nothing
+                         ids=lambda v: v if isinstance(v, str) else v.__name__)
+def test_usage_errors(setup, flags, tmp_path, capsys, cli, case):
+    args, message = USAGE_ERRORS[case]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fill = lambda s: s.format(world=setup["world"], empty=empty)  # noqa: E731
+    code = cli.main([*flags, "--method", "xcross", *[fill(a) for a in args]])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and fill(message) in err
+    assert not any(empty.iterdir())  # nothing was written
+
+
+# -- learning ----------------------------------------------------------------------------------------------------
+
+# A short training a tiny random model learns from: 6 epochs of ~560 examples in batches of 16 (~210 steps, ~30 s),
+# titles long enough to carry the product noun. Final validation MRR of LoRA / popularity, world and model seeds
+# 0, 1, 2: 0.441 / 0.344, 0.335 / 0.233, 0.287 / 0.274 (random 0.180). X-Cross (integrators and head over two such
+# source LoRAs of a random base) does not reliably get there: 0.373 / 0.344, 0.233 / 0.233, 0.259 / 0.274.
+LEARN = dict(target=TARGET, max_train_users=96, max_examples_per_user=20, max_eval_users=96, batch_size=16, epochs=6,
+             history_len=4, title_tokens=16, train_candidates=8, lr=3e-3, integrator_lr=3e-3, alpha=32, dropout=0)
+
+
+def random_metrics(c: int) -> dict[str, float]:
+    """A random ranking of c candidates: the true item's rank is uniform on 1..c."""
+    return {"hit@1": 1 / c, "hit@3": 3 / c, "mrr": sum(1 / r for r in range(1, c + 1)) / c}
+
+
+def validation_comparison(setup, run_dir: Path) -> dict[str, dict[str, float]]:
+    """Validation metrics of the run's final weights (no model selection), of popularity and of random, all on every
+    validation user of the target, computed here."""
+    spec = RunSpec.from_dict(json.loads((run_dir / "config.json").read_text()))
+    domain = load_domain(setup["world"] / TARGET)
+    valid = eval_examples(domain, "valid", spec)
+    assert len(valid) == len(domain.valid) > 80
+    final = tensors(latest_checkpoint(run_dir) / "trained.safetensors")
+    adapters = [Path(spec.out) / s / "lora" / "best.safetensors" for s in spec.sources] if spec.method == "xcross" \
+        else []
+    model = build_model(load_decoder(setup["model"]), spec.method, adapters, lora=spec.lora)
+    model.load_trained(final)
+    builder = PromptBuilder(Tokenizer.from_dir(setup["model"]), domain.items, spec.title_tokens, spec.history_len)
+    scores = evaluate(model, valid, builder, batch_size=16, progress=False).scores
+    labels = np.array([e.candidates.index(e.target) for e in valid])
+    popularity = popularity_scores(domain, valid)
+    return {"model": hand_metrics(scores, labels), "popularity": hand_metrics(popularity.scores, labels),
+            "random": random_metrics(C)}
+
+
+def assert_beats_baselines(found: dict[str, dict[str, float]]) -> None:
+    for metric in ("hit@1", "mrr"):
+        model, popularity, random = (found[k][metric] for k in ("model", "popularity", "random"))
+        assert model > popularity and model > random, (metric, found)
+
+
+def test_short_lora_training_beats_random_and_popularity(setup):
+    out = setup["root"] / "learn"
+    proc = run_cli("train.py", common_flags(setup["world"], setup["model"], out, method="lora", **LEARN))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_beats_baselines(validation_comparison(setup, out / TARGET / "lora"))
+
+
+@pytest.mark.skipif(not os.environ.get("XCROSS_SLOW_TESTS"),
+                    reason="two source LoRAs and X-Cross: ~1.5-2.5 min on 2 CPU cores, and not reliable on a random "
+                           "base (passes at seed 0, not at seeds 1, 2: see LEARN); set XCROSS_SLOW_TESTS=1")
+def test_short_xcross_training_beats_random_and_popularity(setup):
+    out = setup["root"] / "learn"
+    proc = run_cli("train.py", common_flags(setup["world"], setup["model"], out, method="xcross", **LEARN),
+                   timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_beats_baselines(validation_comparison(setup, out / TARGET / "xcross"))

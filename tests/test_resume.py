@@ -1,0 +1,136 @@
+"""Interrupting training and resuming it changes nothing: a real train.py run stopped by SIGINT and rerun with
+--resume ends with the same weights and metrics as an uninterrupted run; `fit(resume=True)` in process too."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.pipeline_fixtures import (
+    common_flags, interrupt_when, latest_checkpoint, make_model_dir, make_world, max_abs_diff, one_thread, read_jsonl,
+    run_cli, tensors,
+)
+from xcross.data import PromptBuilder, load_domain
+from xcross.lora import LoRAConfig
+from xcross.tokenizer import Tokenizer
+from xcross.training import TrainConfig, fit
+from xcross.weights import load_decoder
+from xcross.xcross import build_model
+
+TARGET = "toys"
+# Dropout on, so that resuming must restore the RNG; a checkpoint after every step, so the run can be stopped
+# anywhere. 96 users with one example each in batches of 4, two epochs: 48 steps.
+RESUMABLE = dict(method="lora", target=TARGET, max_train_users=96, max_examples_per_user=1, max_eval_users=16,
+                 batch_size=4, epochs=2, history_len=3, title_tokens=8, train_candidates=4, dropout=0.1,
+                 checkpoint_every=1, lr=1e-3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("resume")
+    world = make_world(root / "world")
+    return {"root": root, "world": world, "model": make_model_dir(root / "model", world)}
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    """The step of the newest complete checkpoint, 0 if none yet."""
+    pointer = run_dir / "ckpt" / "LATEST"
+    try:
+        return int(pointer.read_text().strip().removeprefix("step-"))
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(setup):
+    reference_out, resumed_out = setup["root"] / "reference", setup["root"] / "resumed"
+    reference = run_cli("train.py", common_flags(setup["world"], setup["model"], reference_out, **RESUMABLE))
+    assert reference.returncode == 0, reference.stdout + reference.stderr
+    reference_dir = reference_out / TARGET / "lora"
+    total = json.loads((reference_dir / "results.json").read_text())["training"]["steps"]
+    assert total == 48
+
+    run_dir = resumed_out / TARGET / "lora"
+    flags = common_flags(setup["world"], setup["model"], resumed_out, **RESUMABLE)
+    stopped = interrupt_when([sys.executable, "train.py", *flags], lambda: checkpoint_step(run_dir) >= 3)
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert "rerun with --resume" in stopped.stderr
+    step = checkpoint_step(run_dir)
+    assert f"stopped at step {step};" in stopped.stderr
+    assert 3 <= step < total, "the run was not stopped mid-training"
+    assert not (run_dir / "results.json").exists()
+
+    resumed = run_cli("train.py", [*flags, "--resume"])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {run_dir / 'ckpt' / f'step-{step:08d}'} (step {step}/{total})" in resumed.stdout
+
+    assert max_abs_diff(tensors(run_dir / "best.safetensors"), tensors(reference_dir / "best.safetensors")) <= 1e-6
+    final, final_reference = latest_checkpoint(run_dir), latest_checkpoint(reference_dir)
+    assert final.name == final_reference.name == f"step-{total:08d}"
+    assert max_abs_diff(tensors(final / "trained.safetensors"),
+                        tensors(final_reference / "trained.safetensors")) <= 1e-6
+    results = json.loads((run_dir / "results.json").read_text())
+    results_reference = json.loads((reference_dir / "results.json").read_text())
+    assert results["test"] == results_reference["test"]
+    for key in ("steps", "examples_seen", "best_step", "best_valid", "valid_history"):
+        assert results["training"][key] == results_reference["training"][key], key
+    np.testing.assert_array_equal(np.load(run_dir / "test_scores.npz")["scores"],
+                                  np.load(reference_dir / "test_scores.npz")["scores"])
+    # The log of the stopped run continues: every step's record once, with the same losses.
+    losses = {r["step"]: r["loss"] for r in read_jsonl(run_dir / "log.jsonl") if "loss" in r}
+    assert losses == {r["step"]: r["loss"] for r in read_jsonl(reference_dir / "log.jsonl") if "loss" in r}
+
+
+def test_fit_resumes_from_a_checkpoint_exactly(setup, tmp_path):
+    """In process: training 6 steps straight through, and resuming at step 4 from that run's own checkpoint,
+    end with identical tensors."""
+    domain = load_domain(setup["world"] / TARGET)
+    tokenizer = Tokenizer.from_dir(setup["model"])
+    builder = PromptBuilder(tokenizer, domain.items, title_tokens=8, history_len=3)
+    train = [e for e in domain.train if len(e.history) >= 2][:24]
+    valid = domain.valid[:8]
+    config = TrainConfig(epochs=1, batch_size=4, lr=1e-3, train_candidates=4, checkpoint_every=4, log_every=1,
+                         eval_batch_size=8, seed=3)
+
+    def model():
+        torch.manual_seed(0)
+        return build_model(load_decoder(setup["model"]), "lora", lora=LoRAConfig(rank=4, alpha=8, dropout=0.1))
+
+    def train_model(run_dir, m, resume):
+        return fit(m, train, valid, builder, list(domain.items), config, run_dir,
+                   save_best=lambda path: None, resume=resume, progress=False)
+
+    straight = model()
+    train_model(tmp_path / "straight", straight, resume=False)
+    # Checkpoints are kept two deep: the one of step 4 and the final one of step 6.
+    assert sorted(p.name for p in (tmp_path / "straight" / "ckpt").glob("step-*")) == ["step-00000004",
+                                                                                        "step-00000006"]
+    shutil.copytree(tmp_path / "straight" / "ckpt" / "step-00000004", tmp_path / "resumed" / "ckpt" / "step-00000004")
+    (tmp_path / "resumed" / "ckpt" / "LATEST").write_text("step-00000004\n")
+
+    resumed = model()
+    torch.manual_seed(123)  # the global RNG state must come from the checkpoint, not from here
+    summary = train_model(tmp_path / "resumed", resumed, resume=True)
+    assert summary["steps"] == 6
+    want, got = straight.trained_tensors(), resumed.trained_tensors()
+    assert max_abs_diff(got, want) == 0.0
+    assert max_abs_diff(tensors(tmp_path / "resumed" / "ckpt" / "step-00000006" / "trained.safetensors"),
+                        tensors(tmp_path / "straight" / "ckpt" / "step-00000006" / "trained.safetensors")) == 0.0
+    # Dropout is active, so the comparison above needs the restored RNG: resuming without it ends elsewhere.
+    shutil.copytree(tmp_path / "straight" / "ckpt" / "step-00000004", tmp_path / "no_rng" / "ckpt" / "step-00000004")
+    (tmp_path / "no_rng" / "ckpt" / "step-00000004" / "rng-0.pt").unlink()
+    (tmp_path / "no_rng" / "ckpt" / "LATEST").write_text("step-00000004\n")
+    no_rng = model()
+    train_model(tmp_path / "no_rng", no_rng, resume=True)
+    assert max_abs_diff(no_rng.trained_tensors(), want) > 1e-4
