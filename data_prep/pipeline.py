@@ -515,7 +515,7 @@ def format_report(meta: dict, out_dir: Path | str) -> str:
     return (
         f"{meta['domain']}: {counts['users']} users, {counts['items']} items, {counts['interactions']} interactions; "
         f"{counts['train_examples']} train / {counts['valid_examples']} valid / {counts['test_examples']} test "
-        f"examples -> {Path(out_dir) / meta['domain']}\n  dropped: {dropped}"
+        f"examples -> {Path(out_dir) / meta['domain']}\n  dropped or cleaned: {dropped}"
     )
 
 

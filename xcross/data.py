@@ -157,7 +157,7 @@ def pack(prefix: list[int], candidates: list[list[int]]) -> Packed:
 class Batch:
     input_ids: Tensor  # (B, T)
     position_ids: Tensor  # (B, T)
-    attention_mask: Tensor  # (B, T, T) bool allowed pairs, or (B, T) key padding
+    attention_mask: Tensor | None  # (B, T, T) bool allowed pairs, (B, T) key padding, or None: causal, no padding
     last_index: Tensor  # (B, C) where every candidate's score is read
     labels: Tensor | None = None  # (B,) index of the true item among the candidates
 
@@ -167,6 +167,8 @@ class Batch:
 
     def token_mask(self) -> Tensor:
         """(B, T) True at real (non-padding) tokens."""
+        if self.attention_mask is None:
+            return torch.ones_like(self.input_ids, dtype=torch.bool)
         if self.attention_mask.dim() == 2:
             return self.attention_mask.bool()
         return self.attention_mask.diagonal(dim1=1, dim2=2)

@@ -93,8 +93,8 @@ class RunSpec:
 # Sized from measured throughput (README, "CPU preset"): on 2 CPU cores in bf16 one packed training example of
 # 5 history titles and 8 candidates takes ~0.5 s per stream, so the whole demo run fits in 20 minutes.
 PRESETS = {
-    "cpu": dict(history_len=5, title_tokens=16, max_train_users=96, max_examples_per_user=1, max_eval_users=96,
-                train=dict(batch_size=8, epochs=1, train_candidates=8, eval_every=None, checkpoint_every=4,
+    "cpu": dict(history_len=5, title_tokens=16, max_train_users=160, max_examples_per_user=1, max_eval_users=64,
+                train=dict(batch_size=8, epochs=1, lr=1e-3, train_candidates=8, eval_every=None, checkpoint_every=5,
                            log_every=2, eval_batch_size=8), dropout=0.0),
     "gpu": dict(history_len=10, title_tokens=24, max_train_users=None, max_examples_per_user=None,
                 max_eval_users=2000, train=dict(batch_size=32, epochs=1, train_candidates=8, eval_every=None,
@@ -268,7 +268,7 @@ def ensure_sources(spec: RunSpec, decoder, resume: bool = False, progress: bool 
             if dist_info().main:
                 print(f"source {source}: training a LoRA adapter + head on {source}")
             source_spec = replace(spec, target=source, method="lora", fraction=1.0, sources=[])
-            run(source_spec, decoder=decoder, resume=resume, progress=progress)
+            run(source_spec, decoder=decoder, resume=resume, progress=progress, test=False)
         paths.append(path)
     return paths
 
@@ -282,9 +282,11 @@ def _fresh_decoder(spec: RunSpec, device: str, dtype: torch.dtype):
     return load_decoder(spec.model_dir, device, dtype)
 
 
-def run(spec: RunSpec, decoder=None, resume: bool = False, progress: bool = True) -> dict:
+def run(spec: RunSpec, decoder=None, resume: bool = False, progress: bool = True, test: bool = True) -> dict:
     """Train (for trained methods) and test one method on `spec.target`; write config.json, best.safetensors,
-    log.jsonl, test_scores.npz and results.json into `spec.run_dir`; return the results."""
+    log.jsonl, test_scores.npz and results.json into `spec.run_dir`; return the results.
+
+    `test=False` skips the test split (source adapters are a means to an end; evaluate.py can test them later)."""
     device = resolve_device(spec.device)
     info = init_distributed(device)
     if device == "cuda" and info.world > 1:
@@ -305,7 +307,7 @@ def run(spec: RunSpec, decoder=None, resume: bool = False, progress: bool = True
     builder = PromptBuilder(tokenizer, domain.items, spec.title_tokens, spec.history_len)
     train = train_examples(domain, spec)
     valid = eval_examples(domain, "valid", spec)
-    test = eval_examples(domain, "test", spec)
+    test_examples = eval_examples(domain, "test", spec)
     # torch seeds itself randomly per process: without this every run, and every torchrun rank, would start from
     # its own LoRA A and head initialisation.
     torch.manual_seed(spec.train.seed)
@@ -316,7 +318,7 @@ def run(spec: RunSpec, decoder=None, resume: bool = False, progress: bool = True
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", json.dumps(spec.to_dict(), indent=2) + "\n")
         print(f"{spec.method} on {spec.target}: {len(train)} training examples from "
-              f"{len({e.user_id for e in train})} users, {len(valid)} validation / {len(test)} test users; "
+              f"{len({e.user_id for e in train})} users, {len(valid)} validation / {len(test_examples)} test users; "
               f"trainable parameters {report['trainable']:,} (a target LoRA + head: "
               f"{report['target_lora_equivalent'] or 0:,}); device {device}, {str(dtype).removeprefix('torch.')}")
 
@@ -327,15 +329,19 @@ def run(spec: RunSpec, decoder=None, resume: bool = False, progress: bool = True
                   device, progress)
     best, _ = load_tensors(run_dir / "best.safetensors", device)
     model.load_trained({k: v for k, v in best.items()})
-    result = evaluate(model, test, builder, spec.train.eval_batch_size, device, desc="test", progress=progress)
+    result = None
+    if test:
+        result = evaluate(model, test_examples, builder, spec.train.eval_batch_size, device, desc="test",
+                          progress=progress)
     results = {
         "method": spec.method, "target": spec.target, "sources": spec.sources if adapters else [],
-        "fraction": spec.fraction, "test": result.metrics(seed=spec.train.seed),
-        "parameters": report, "training": summary, "test_users": len(test),
+        "fraction": spec.fraction, "test": result.metrics(seed=spec.train.seed) if result else None,
+        "parameters": report, "training": summary, "test_users": len(test_examples) if result else 0,
         "seconds": time.perf_counter() - start, "completed": True,
     }
     if info.main:
-        result.save(run_dir / "test_scores.npz")
+        if result is not None:
+            result.save(run_dir / "test_scores.npz")
         atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     _barrier_if_distributed()
     return results

@@ -34,8 +34,9 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs when reached first)
     batch_size: int = 8  # examples per optimizer step, over all processes
-    lr: float = 2e-4  # adapters, head and stream weights
-    integrator_lr: float = 1e-3  # integrators start at zero and are small linear maps: they get their own rate
+    lr: float = 5e-4  # adapters, head and stream weights
+    # Integrators get their own rate: on the demo world 1e-3 wrecked the streams within 20 steps (docs/RESULTS.md).
+    integrator_lr: float = 1e-4
     weight_decay: float = 0.0
     warmup: float = 0.1  # fraction of the steps spent warming up linearly; then linear decay to zero
     grad_clip: float = 1.0
