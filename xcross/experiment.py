@@ -150,7 +150,10 @@ def available_domains(data_dir: Path) -> list[str]:
 
 
 def prepare_inputs(spec: RunSpec) -> RunSpec:
-    """Generate the demo world and convert the default weights if they are missing; check the request."""
+    """Generate the demo world and convert the default weights if they are missing; check the request.
+
+    Under torchrun the process group is joined first, so that only rank 0 generates and converts."""
+    init_distributed(resolve_device(spec.device))
     data_dir = Path(spec.data_dir)
     if not available_domains(data_dir):
         if data_dir.resolve() != DEFAULT_DATA_DIR.resolve():

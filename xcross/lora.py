@@ -50,7 +50,7 @@ class LoRALinear(nn.Module):
         for a in self.lora_A.data:  # as nn.Linear / PEFT initialise A; B = 0 makes the adapter a no-op
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.scaling = config.scaling
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.merged = False
 
     @property
