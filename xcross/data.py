@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-PAD_SEGMENT = -1
+from .model import PAD_SEGMENT
 
 
 # -- processed domains (DESIGN.md §5) --------------------------------------------------------------------------------
@@ -160,6 +160,7 @@ class Batch:
     attention_mask: Tensor | None  # (B, T, T) bool allowed pairs, (B, T) key padding, or None: causal, no padding
     last_index: Tensor  # (B, C) where every candidate's score is read
     labels: Tensor | None = None  # (B,) index of the true item among the candidates
+    segment_ids: Tensor | None = None  # (B, T) of a packed batch: 0 prefix, k candidate k, -1 padding
 
     def to(self, device) -> "Batch":
         return Batch(**{f.name: (None if getattr(self, f.name) is None
@@ -201,7 +202,7 @@ def collate(packed: list[Packed], pad_id: int, labels: list[int] | None = None) 
         pos[b, :n] = torch.tensor(p.position_ids)
         seg[b, :n] = torch.tensor(p.segment_ids)
     last = torch.tensor([p.last_index for p in packed], dtype=torch.long)
-    return Batch(ids, pos, packed_mask(seg), last, None if labels is None else torch.tensor(labels))
+    return Batch(ids, pos, packed_mask(seg), last, None if labels is None else torch.tensor(labels), seg)
 
 
 def collate_unpacked(prefix: list[int], candidates: list[list[int]], pad_id: int) -> Batch:

@@ -14,6 +14,13 @@ from torch import Tensor, nn
 
 from .config import FULL, SLIDING, Gemma3Config, LlamaConfig, ModelConfig
 
+try:  # FlexAttention (torch >= 2.5): block-sparse masks, used for packed batches on CUDA
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - older torch: SDPA with dense masks only
+    BlockMask = create_block_mask = flex_attention = None
+
+PAD_SEGMENT = -1
+
 
 class RMSNorm(nn.Module):
     """RMSNorm in fp32. Gemma stores `w` and multiplies by `(1 + w)` before casting; Llama casts, then `w *`."""
@@ -72,11 +79,44 @@ class AttentionInputs:
     """What attention needs besides the activations, built once per forward for every layer type.
 
     `rope[t]` is `(cos, sin)` of shape `(B, 1, T, head_dim)`; `masks[t]` is a boolean `(n·B, 1, T, T_k)` mask
-    (True = may attend) or None for plain causal attention.
+    (True = may attend), a FlexAttention `BlockMask` over the n·B rows, or None for plain causal attention.
     """
 
     rope: dict[str, tuple[Tensor, Tensor]]
-    masks: dict[str, Tensor | None]
+    masks: dict[str, "Tensor | BlockMask | None"]
+
+
+_compiled_flex = None
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask, scale: float, gqa: bool) -> Tensor:
+    """FlexAttention, compiled on CUDA (the eager version materialises scores and is only a reference)."""
+    global _compiled_flex
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+
+def packed_block_masks(segment_ids: Tensor, position_ids: Tensor, n_streams: int, layer_types: set[str],
+                       window: int | None) -> dict:
+    """FlexAttention block masks of a packed batch (the rule of `xcross.data.packed_mask`, the window measured in
+    position ids), one per layer type, over the n·B stream rows. Padding rows attend to nothing (FlexAttention
+    returns zeros there, where SDPA would return NaN)."""
+    B, T = segment_ids.shape
+
+    def packed(b, h, q, k):
+        b = b % B  # row b of stream m is example b mod B
+        seg_q, seg_k = segment_ids[b, q], segment_ids[b, k]
+        return (k <= q) & ((seg_k == 0) | (seg_k == seg_q)) & (seg_k != PAD_SEGMENT) & (seg_q != PAD_SEGMENT)
+
+    def sliding(b, h, q, k):
+        return packed(b, h, q, k) & (position_ids[b % B, q] - position_ids[b % B, k] < window)
+
+    rules = {FULL: packed, SLIDING: sliding}
+    return {t: create_block_mask(rules[t], n_streams * B, None, T, T, device=segment_ids.device) for t in layer_types}
+
 
 
 class KVCache:
@@ -135,6 +175,10 @@ class Attention(nn.Module):
         q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)  # (n·B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        if BlockMask is not None and isinstance(mask, BlockMask):
+            out = _flex(q, k, v, mask, self.scale, self.num_kv_heads != self.num_heads)
+            out = out.view(n, B, self.num_heads, T, self.head_dim).transpose(2, 3).reshape(n, B, T, -1)
+            return self.o_proj(out)
         gqa = {}
         if self.num_kv_heads != self.num_heads:
             if _SDPA_HAS_GQA:  # shares each key/value head across its query heads without copying
@@ -256,8 +300,12 @@ class Decoder(nn.Module):
         position_ids: Tensor | None = None,
         n_streams: int = 1,
         cache: KVCache | None = None,
+        segment_ids: Tensor | None = None,
     ) -> AttentionInputs:
-        """RoPE tables and masks for every layer type, built once per batch (vectorised)."""
+        """RoPE tables and masks for every layer type, built once per batch (vectorised).
+
+        With `segment_ids` (a packed batch: 0 = shared prefix, k = candidate k, -1 = padding) the masks are
+        FlexAttention block masks, which skip the blocks no query of a candidate may see; otherwise dense."""
         B, T = input_ids.shape
         device = input_ids.device
         past = cache.length if cache is not None else 0
@@ -269,6 +317,12 @@ class Decoder(nn.Module):
         rope = {t: rope_tables(self.config, t, position_ids, dtype) for t in layer_types}
 
         window = self.config.sliding_window
+        if segment_ids is not None:
+            if flex_attention is None:
+                raise RuntimeError("FlexAttention needs torch >= 2.5; pass the dense mask instead of segment ids")
+            if past:
+                raise ValueError("packed (segment) masks cannot be combined with a KV cache")
+            return AttentionInputs(rope, packed_block_masks(segment_ids, position_ids, n_streams, layer_types, window))
         needs_window = SLIDING in layer_types and window is not None and past + T > window
         if attention_mask is None and past == 0 and not needs_window:
             return AttentionInputs(rope, {t: None for t in layer_types})

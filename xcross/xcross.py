@@ -100,8 +100,12 @@ class XCrossModel(nn.Module):
     """
 
     def __init__(self, decoder: Decoder, n_streams: int = 1, lora: LoRAConfig | None = None,
-                 config: XCrossConfig = XCrossConfig()):
+                 config: XCrossConfig = XCrossConfig(), attention: str = "auto"):
         super().__init__()
+        if attention not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attention must be auto, sdpa or flex (got {attention!r})")
+        # "auto": FlexAttention block masks for packed batches on CUDA, SDPA with a dense boolean mask elsewhere.
+        self.attention = attention
         if lora is None and n_streams != 1:
             raise ValueError("several streams need LoRA adapters to tell them apart")
         d = decoder.config.hidden_size
@@ -183,9 +187,12 @@ class XCrossModel(nn.Module):
     # -- forward ----------------------------------------------------------------------------------------------------
 
     def streams(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                stats: list | None = None) -> Tensor:
+                stats: list | None = None, segment_ids: Tensor | None = None) -> Tensor:
         """Final-normed hidden states of every stream, `(n, B, T, d)`."""
-        inputs = self.decoder.attention_inputs(input_ids, attention_mask, position_ids, self.n_streams)
+        use_flex = segment_ids is not None and (self.attention == "flex" or
+                                                (self.attention == "auto" and input_ids.is_cuda))
+        inputs = self.decoder.attention_inputs(input_ids, attention_mask, position_ids, self.n_streams,
+                                               segment_ids=segment_ids if use_flex else None)
         x = self.decoder.embed(input_ids)[None].expand(self.n_streams, -1, -1, -1)  # (n, B, T, d)
         mixers = None
         if self.integrators is not None:
@@ -194,7 +201,7 @@ class XCrossModel(nn.Module):
 
     def pooled(self, batch: Batch, stats: list | None = None) -> Tensor:
         """h = Σ_m w_m h'_m at every candidate's last token: `(B, C, d)` in fp32."""
-        h = self.streams(batch.input_ids, batch.attention_mask, batch.position_ids, stats)
+        h = self.streams(batch.input_ids, batch.attention_mask, batch.position_ids, stats, batch.segment_ids)
         n, B, _, d = h.shape
         index = batch.last_index[None, :, :, None].expand(n, B, -1, d)
         h_last = torch.gather(h, 2, index).float()  # (n, B, C, d)
