@@ -18,9 +18,9 @@ SPEC_FLAGS = {
     "history_len": (int, "history titles in a prompt, newest kept (cpu preset 5, gpu 10)"),
     "title_tokens": (int, "token budget of one title (cpu preset 16, gpu 24)"),
     "num_candidates": (int, "candidates per validation/test user, the target included (default 20)"),
-    "max_train_users": (int, "seeded subsample of target training users, before --fraction (cpu preset 96)"),
+    "max_train_users": (int, "seeded subsample of target training users, before --fraction (cpu preset 160)"),
     "max_examples_per_user": (int, "most recent training examples per user (cpu preset 1)"),
-    "max_eval_users": (int, "seeded subsample of validation/test users (cpu preset 96, gpu 2000)"),
+    "max_eval_users": (int, "seeded subsample of validation/test users (cpu preset 64, gpu 2000)"),
     "rank": (int, "LoRA rank (default 8)"),
     "alpha": (float, "LoRA alpha (default 16)"),
     "dropout": (float, "LoRA dropout (default 0.05; cpu preset 0)"),
@@ -100,7 +100,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"error: training diverged: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
-        print(f"\ninterrupted: {err or 'stopped'}; rerun with --resume to continue", file=sys.stderr)
+        print(f"\ninterrupted: {err or 'stopped; rerun with --resume to continue'}", file=sys.stderr)
         return 130
     from xcross.training import dist_info
     if dist_info().main:

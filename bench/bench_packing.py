@@ -37,6 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     model = XCrossModel(random_decoder(args.device, dtype), 1, LoRAConfig(dropout=0.0)).eval()
+    torch.nn.init.normal_(model.head.out.weight, std=0.05)  # zero-initialised: every score would be 0
     rnd = random.Random(0)
     examples = [example(rnd, args.history, args.candidates) for _ in range(args.examples)]
     packed = collate([pack(p, c) for p, c in examples], pad_id=0).to(args.device)

@@ -12,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from data_prep.synthetic import WorldConfig, generate_world
@@ -58,9 +60,11 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1000):
     return tokenizer
 
 
-def make_model_dir(out_dir: Path, world_dir: Path, seed: int = 0, vocab_size: int = 1000, **config) -> Path:
+def make_model_dir(out_dir: Path, world_dir: Path, seed: int = 0, vocab_size: int = 1000, pretrain: dict | None = None,
+                   **config) -> Path:
     """An HF-layout model directory: tokenizer.json trained on the world's titles (and the prompt template),
-    a tiny Gemma 3 text config.json and random weights in model.safetensors."""
+    a tiny Gemma 3 text config.json and model.safetensors: random weights, or with `pretrain` (keyword arguments
+    of `pretrain_on_world`) a base pretrained as a language model on the world's training sequences."""
     out_dir.mkdir(parents=True, exist_ok=True)
     template = PromptTemplate()
     tokenizer = train_tokenizer(world_titles(world_dir) + [template.header, template.question], vocab_size)
@@ -74,9 +78,78 @@ def make_model_dir(out_dir: Path, world_dir: Path, seed: int = 0, vocab_size: in
     (out_dir / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     torch.manual_seed(seed)
     decoder = Decoder(config_from_dict(raw))
+    if pretrain is not None:
+        pretrain_on_world(decoder, tokenizer, world_dir, seed=seed, **pretrain)
     state = {k: v.detach().contiguous() for k, v in decoder.state_dict().items()}
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return out_dir
+
+
+# A small base for the learning tests: 2 global layers of width 64 (wide enough to learn the world in seconds).
+SMALL_BASE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                  query_pre_attn_scalar=16, num_hidden_layers=2, layer_types=["full_attention", "full_attention"])
+
+
+def user_sequences(world_dir: Path) -> list[list[str]]:
+    """Each user's training-split titles over every domain of the world (validation and test targets excluded):
+    the history and target of the user's last training row in each domain."""
+    per_user: dict[str, list[str]] = {}
+    for domain in sorted(p.parent for p in world_dir.glob("*/items.jsonl")):
+        titles = {}
+        for line in (domain / "items.jsonl").read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            titles[record["item_id"]] = record["title"]
+        last = {}
+        for line in (domain / "train.jsonl").read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            last[record["user_id"]] = [*record["history"], record["target"]]
+        for user, items in sorted(last.items()):
+            per_user.setdefault(user, []).extend(titles[i] for i in items)
+    return [per_user[u] for u in sorted(per_user)]
+
+
+def pretrain_on_world(decoder: Decoder, tokenizer, world_dir: Path, steps: int = 300, batch: int = 16,
+                      items: int = 6, lr: float = 1e-2, seed: int = 0) -> Decoder:
+    """Next-token pretraining of a tiny decoder on users' purchase titles across all domains (a row: `<bos>` and up
+    to `items` of one user's titles in random order, one per line), so that the base, like a real pretrained LM,
+    knows which products go together across domains before any adapter is trained. Seeded; fp32; in place."""
+    rng = np.random.default_rng(seed)
+    sequences = user_sequences(world_dir)
+    encoded: dict[str, list[int]] = {}
+
+    def encode(title: str) -> list[int]:
+        if title not in encoded:
+            encoded[title] = tokenizer.encode(title + "\n").ids
+        return encoded[title]
+
+    with torch.no_grad():
+        decoder.model.embed_tokens.weight.normal_(0, decoder.config.hidden_size ** -0.5)
+    decoder.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, int(0.05 * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / steps))
+    for _ in range(steps):
+        rows = []
+        for u in rng.integers(len(sequences), size=batch):
+            seq = sequences[u]
+            pick = rng.choice(len(seq), size=min(items, len(seq)), replace=False)
+            rows.append([SPECIAL_TOKENS.index("<bos>")] + [t for i in pick for t in encode(seq[i])])
+        length = max(map(len, rows))
+        ids = torch.zeros(batch, length, dtype=torch.long)
+        mask = torch.zeros(batch, length, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            ids[b, :len(row)] = torch.tensor(row)
+            mask[b, :len(row)] = True
+        logits = decoder(ids, attention_mask=mask, logits_at=slice(None)).logits[:, :-1]
+        labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    return decoder.eval().requires_grad_(False)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Every benchmark of issue 6 on a CUDA machine, from a bare checkout: random weights of the Gemma 3 270M shapes, so
+# nothing is downloaded or converted; needs torch with CUDA, transformers and peft (for the reference side).
+#   bash bench/gpu.sh            -> bench/results/*-cuda*.json and the printed ratios
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python bench/bench_train_step.py --device cuda --dtype bfloat16 --batch 16 --seq 512
+python bench/bench_train_step.py --device cuda --dtype bfloat16 --batch 64 --seq 256
+python bench/bench_packing.py --device cuda --dtype bfloat16
+python bench/bench_streams.py --device cuda --dtype bfloat16
