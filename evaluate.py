@@ -15,6 +15,7 @@ from xcross.experiment import (
     CURVE_FRACTIONS, UsageError, comparison_rows, evaluate_method, format_table, plot_curve, prepare_inputs, run,
     write_rows,
 )
+from xcross.runtime import keep_freed_memory
 from xcross.weights import atomic_write_text
 
 
@@ -60,6 +61,7 @@ def curve(spec, fractions: list[float], resume: bool, progress: bool) -> list[di
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     args = build_parser().parse_args(argv)
     try:
         spec = prepare_inputs(spec_from_args(args))

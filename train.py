@@ -11,6 +11,7 @@ import torch
 
 from xcross.experiment import PRESETS, RunSpec, UsageError, apply_preset, format_table, prepare_inputs, run
 from xcross.experiment import comparison_rows
+from xcross.runtime import keep_freed_memory
 from xcross.training import EvalResult, TrainingDiverged
 
 # Flags that default to the preset's value when not given: (spec field, type, help).
@@ -79,6 +80,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
     try:
         return _main(argv)
     finally:  # last: rank 0 still needs the group while it prints

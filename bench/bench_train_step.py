@@ -123,7 +123,8 @@ def main() -> None:
     print(f"X-Cross n={args.streams} step / LoRA step: {result['xcross_over_lora_time']:.2f}x (target <= 3.0x)")
     if "mfu_lora" in result:
         print(f"MFU: LoRA {result['mfu_lora']:.1%}, X-Cross {result['mfu_xcross']:.1%} (target >= 25% for LoRA)")
-    print(f"wrote {write_result(f"train-step-{device.split(':')[0]}-{args.dtype}-{args.batch}x{args.seq}", result)}")
+    name = f"train-step-{device.split(':')[0]}-{args.dtype}-{args.batch}x{args.seq}"
+    print(f"wrote {write_result(name, result)}")
 
 
 if __name__ == "__main__":

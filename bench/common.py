@@ -17,7 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xcross.config import config_from_dict  # noqa: E402
 from xcross.model import Decoder  # noqa: E402
+from xcross.runtime import keep_freed_memory  # noqa: E402
 from xcross.weights import atomic_write_text  # noqa: E402
+
+ALLOCATOR_TUNED = keep_freed_memory()  # as train.py and evaluate.py do
 
 GEMMA3_270M = {
     "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640, "intermediate_size": 2048,
@@ -60,7 +63,7 @@ def time_side_by_side(fns: dict, repeats: int = 5, device="cpu") -> dict[str, fl
 
 def machine(device) -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "glibc_keep_freed_memory": ALLOCATOR_TUNED}
     if str(device).startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -6,6 +6,7 @@ from .data import Batch, Domain, Example, PromptBuilder, PromptTemplate, collate
 from .lora import LoRAConfig, LoRALinear
 from .metrics import per_user_metrics, rank_metrics
 from .model import Decoder
+from .runtime import keep_freed_memory
 from .tokenizer import Tokenizer
 from .training import EvalResult, TrainConfig, evaluate, fit
 from .weights import load_decoder
@@ -14,6 +15,6 @@ from .xcross import Integrator, ScoringHead, XCrossConfig, XCrossModel, build_mo
 __all__ = [
     "Batch", "Decoder", "Domain", "EvalResult", "Example", "Gemma3Config", "Integrator", "LlamaConfig", "LoRAConfig",
     "LoRALinear", "PromptBuilder", "PromptTemplate", "ScoringHead", "Tokenizer", "TrainConfig", "XCrossConfig",
-    "XCrossModel", "build_model", "collate", "collate_unpacked", "evaluate", "fit", "load_config", "load_decoder",
-    "load_domain", "pack", "per_user_metrics", "rank_metrics",
+    "XCrossModel", "build_model", "collate", "collate_unpacked", "evaluate", "fit", "keep_freed_memory", "load_config",
+    "load_decoder", "load_domain", "pack", "per_user_metrics", "rank_metrics",
 ]
