@@ -65,7 +65,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(setup):
     flags = common_flags(setup["world"], setup["model"], resumed_out, **RESUMABLE)
     stopped = interrupt_when([sys.executable, "train.py", *flags], lambda: checkpoint_step(run_dir) >= 3)
     assert stopped.returncode == 130, stopped.stdout + stopped.stderr
-    assert "rerun with --resume" in stopped.stderr
+    assert "continue with --resume" in stopped.stderr
     step = checkpoint_step(run_dir)
     assert f"stopped at step {step};" in stopped.stderr
     assert 3 <= step < total, "the run was not stopped mid-training"
