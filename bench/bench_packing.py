@@ -9,12 +9,11 @@ One example = a history of `--history` titles and `--candidates` candidate title
 
 from __future__ import annotations
 
-import argparse
 import random
 
 import torch
 
-from common import machine, random_decoder, time_side_by_side, write_result
+from common import device_parser, machine, random_decoder, time_side_by_side, write_result
 from xcross.data import collate, collate_unpacked, pack
 from xcross.lora import LoRAConfig
 from xcross.xcross import XCrossModel
@@ -27,13 +26,10 @@ def example(rnd: random.Random, history: int, candidates: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser = device_parser(__doc__)
     parser.add_argument("--history", type=int, default=10)
     parser.add_argument("--candidates", type=int, default=20)
     parser.add_argument("--examples", type=int, default=4, help="examples per batch")
-    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     model = XCrossModel(random_decoder(args.device, dtype), 1, LoRAConfig(dropout=0.0)).eval()

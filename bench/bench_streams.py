@@ -9,23 +9,18 @@ check is printed). Targets (issue 3): lockstep no slower on CPU, <= 0.8x the tim
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from common import machine, random_decoder, time_side_by_side, write_result
+from common import device_parser, machine, random_decoder, time_side_by_side, write_result
 from xcross.lora import LoRAConfig, lora_layers
 from xcross.xcross import XCrossModel
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser = device_parser(__doc__)
     parser.add_argument("--streams", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     dtype, n = getattr(torch, args.dtype), args.streams
     lora = LoRAConfig(dropout=0.0)

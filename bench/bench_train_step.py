@@ -14,12 +14,10 @@ adapter products not counted, as in the issue's reference figure). Targets (issu
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from common import GEMMA3_270M, machine, random_decoder, time_side_by_side, write_result
+from common import GEMMA3_270M, device_parser, machine, random_decoder, time_side_by_side, write_result
 from xcross.data import Batch
 from xcross.lora import LoRAConfig
 from xcross.xcross import XCrossModel
@@ -69,13 +67,10 @@ def reference_step(ids: torch.Tensor, labels: torch.Tensor, lora: LoRAConfig, dt
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser = device_parser(__doc__)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--streams", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile our models (default off)")
     parser.add_argument("--skip-reference", action="store_true", help="no transformers + PEFT side")
     args = parser.parse_args()

@@ -3,6 +3,7 @@ ones, and need no conversion, so a bare checkout on a GPU machine can run them) 
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -30,6 +31,15 @@ GEMMA3_270M = {
     "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
 }
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags every model benchmark takes: --device (CUDA when available), --dtype, --repeats."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=3)
+    return parser
 
 
 def random_decoder(device="cpu", dtype=torch.float32, seed: int = 0) -> Decoder:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from data_prep.synthetic import WorldConfig, generate_world
 from tests.tiny import TINY_GEMMA
 from xcross.config import config_from_dict
-from xcross.data import PromptTemplate
+from xcross.data import PromptTemplate, load_domain
 from xcross.model import Decoder
 from xcross.weights import read_safetensors
 
@@ -94,17 +94,11 @@ def user_sequences(world_dir: Path) -> list[list[str]]:
     """Each user's training-split titles over every domain of the world (validation and test targets excluded):
     the history and target of the user's last training row in each domain."""
     per_user: dict[str, list[str]] = {}
-    for domain in sorted(p.parent for p in world_dir.glob("*/items.jsonl")):
-        titles = {}
-        for line in (domain / "items.jsonl").read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            titles[record["item_id"]] = record["title"]
-        last = {}
-        for line in (domain / "train.jsonl").read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            last[record["user_id"]] = [*record["history"], record["target"]]
+    for domain_dir in sorted(p.parent for p in world_dir.glob("*/items.jsonl")):
+        domain = load_domain(domain_dir)
+        last = {e.user_id: [*e.history, e.target] for e in domain.train}
         for user, items in sorted(last.items()):
-            per_user.setdefault(user, []).extend(titles[i] for i in items)
+            per_user.setdefault(user, []).extend(domain.items[i] for i in items)
     return [per_user[u] for u in sorted(per_user)]
 
 

@@ -118,7 +118,6 @@ def packed_block_masks(segment_ids: Tensor, position_ids: Tensor, n_streams: int
     return {t: create_block_mask(rules[t], n_streams * B, None, T, T, device=segment_ids.device) for t in layer_types}
 
 
-
 class KVCache:
     """Preallocated keys/values for greedy generation (one stream); `length` tokens are filled."""
 
@@ -177,16 +176,16 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         if BlockMask is not None and isinstance(mask, BlockMask):
             out = _flex(q, k, v, mask, self.scale, self.num_kv_heads != self.num_heads)
-            out = out.view(n, B, self.num_heads, T, self.head_dim).transpose(2, 3).reshape(n, B, T, -1)
-            return self.o_proj(out)
-        gqa = {}
-        if self.num_kv_heads != self.num_heads:
-            if _SDPA_HAS_GQA:  # shares each key/value head across its query heads without copying
-                gqa = {"enable_gqa": True}
-            else:
-                groups = self.num_heads // self.num_kv_heads
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale, **gqa)
+        else:
+            gqa = {}
+            if self.num_kv_heads != self.num_heads:
+                if _SDPA_HAS_GQA:  # shares each key/value head across its query heads without copying
+                    gqa = {"enable_gqa": True}
+                else:
+                    groups = self.num_heads // self.num_kv_heads
+                    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                                 **gqa)
         out = out.view(n, B, self.num_heads, T, self.head_dim).transpose(2, 3).reshape(n, B, T, -1)
         return self.o_proj(out)
 
