@@ -43,21 +43,27 @@ def default_methods(spec) -> list[str]:
     return methods
 
 
+def trained_row(spec, method: str, fraction: float, resume: bool, progress: bool) -> dict:
+    """The test row of `method` trained on `fraction` of the target users: reused if its run finished, else trained."""
+    run_spec = replace(spec, method=method, fraction=fraction)
+    done = run_spec.run_dir / "results.json"
+    results = json.loads(done.read_text()) if done.is_file() else run(run_spec, resume=resume, progress=progress)
+    name = run_spec.run_dir.name
+    result, described = evaluate_method(spec, name, progress)
+    row = comparison_rows({method: (result, described)}, spec.train.seed)[0]
+    print(f"fraction {fraction:g} {method}: hit@1 {row['hit@1']['mean']:.3f} "
+          f"[{row['hit@1']['low']:.3f}, {row['hit@1']['high']:.3f}]")
+    return {**row, "fraction": fraction, "run": name, "seconds": results["seconds"]}
+
+
 def curve(spec, fractions: list[float], resume: bool, progress: bool) -> list[dict]:
-    rows = []
-    for fraction in fractions:
-        for method in ("lora", "xcross"):
-            run_spec = replace(spec, method=method, fraction=fraction)
-            done = run_spec.run_dir / "results.json"
-            results = json.loads(done.read_text()) if done.is_file() else run(run_spec, resume=resume,
-                                                                             progress=progress)
-            name = run_spec.run_dir.name
-            result, described = evaluate_method(spec, name, progress)
-            row = comparison_rows({method: (result, described)}, spec.train.seed)[0]
-            rows.append({**row, "fraction": fraction, "run": name, "seconds": results["seconds"]})
-            print(f"fraction {fraction:g} {method}: hit@1 {row['hit@1']['mean']:.3f} "
-                  f"[{row['hit@1']['low']:.3f}, {row['hit@1']['high']:.3f}]")
-    return rows
+    """LoRA and X-Cross at every fraction, then the baselines on the same test users: popularity, each source
+    zero-shot, and merge (the sources' averaged adapters with a head trained on all target users)."""
+    rows = [trained_row(spec, method, f, resume, progress) for f in fractions for method in ("lora", "xcross")]
+    baselines = comparison_rows({m: evaluate_method(spec, m, progress)
+                                 for m in ["popularity", *[f"source:{s}" for s in spec.sources]]}, spec.train.seed)
+    baselines.append(trained_row(spec, "merge", 1.0, resume, progress))
+    return rows + [{**r, "baseline": True} for r in baselines]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,10 +78,6 @@ def main(argv: list[str] | None = None) -> int:
                 if not 0 < f <= 1:
                     raise UsageError(f"--fractions must lie in (0, 1], got {f}")
             rows = curve(spec, fractions, args.resume, not args.quiet)
-            baselines = comparison_rows({m: evaluate_method(spec, m, not args.quiet)
-                                         for m in ["popularity", *[f"source:{s}" for s in spec.sources]]},
-                                        spec.train.seed)
-            rows += [{**r, "baseline": True} for r in baselines]
             write_rows(rows, target_dir / "curve")
             if plot_curve(rows, target_dir / "curve.png", spec.target):
                 print(f"wrote {target_dir / 'curve.png'}")

@@ -28,6 +28,10 @@ SPEC_FLAGS = {
     "beta": (float, "integrator weight of the borrow term (default 1)"),
     "gamma": (float, "integrator weight of the difference term (default 1)"),
     "bound": (float, "bound |z| of the integrator coefficients by bound*tanh(z/bound) (default none)"),
+    "mix_at": (str, "where the integrators mix: block (after every block, the paper; default) or sublayer "
+                    "(also after every attention sub-layer)"),
+    "head_init": (str, "X-Cross/merge head at the start: sources (mean of the source heads; default) or fresh"),
+    "compile": (str, "torch.compile attention, MLP and integrators: auto (on with CUDA; default), on, off"),
 }
 TRAIN_FLAGS = {
     "epochs": (int, "passes over the training examples (default 1)"),

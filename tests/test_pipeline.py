@@ -282,7 +282,11 @@ def test_evaluate_curve(setup, flags, comparison):
     rows = json.loads((target_dir / "curve.json").read_text())
     trained = {(r["method"], r["fraction"]): r for r in rows if not r.get("baseline")}
     assert sorted(trained) == [("lora", 0.5), ("lora", 1.0), ("xcross", 0.5), ("xcross", 1.0)]
-    assert sorted(r["method"] for r in rows if r.get("baseline")) == ["popularity", *[f"source:{s}" for s in SOURCES]]
+    baselines = {r["method"]: r for r in rows if r.get("baseline")}
+    assert sorted(baselines) == ["merge", "popularity", *[f"source:{s}" for s in SOURCES]]
+    merge = json.loads((target_dir / "merge" / "results.json").read_text())  # trained on all target users
+    assert merge["fraction"] == 1.0 and baselines["merge"]["hit@1"]["mean"] == pytest.approx(
+        merge["test"]["hit@1"]["mean"], abs=1e-12)
     for method in ("lora", "xcross"):
         full = json.loads((target_dir / method / "results.json").read_text())  # reused, not retrained
         assert trained[(method, 1.0)]["hit@1"]["mean"] == pytest.approx(full["test"]["hit@1"]["mean"], abs=1e-12)
@@ -314,6 +318,10 @@ USAGE_ERRORS = {  # id: (flags, what the message says; {world} and {empty} are f
     "no-domains": (["--data-dir", "{empty}"], "no processed domains in {empty}"),
     "too-many-candidates": (["--method", "lora", "--num-candidates", "25", "--out", "{empty}"],
                             "--num-candidates 25 > the 20 candidates stored"),
+    "mix-at": (["--mix-at", "mlp", "--out", "{empty}"], "--mix-at must be one of block, sublayer (got 'mlp')"),
+    "head-init": (["--head-init", "zeros", "--out", "{empty}"],
+                  "--head-init must be one of sources, fresh (got 'zeros')"),
+    "bound": (["--bound", "0", "--out", "{empty}"], "--bound must be positive (got 0.0)"),
 }
 
 

@@ -170,11 +170,12 @@ def test_integrator_matches_brute_force_formula():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
-def test_zero_initialised_xcross_reproduces_each_source():
+@pytest.mark.parametrize("mix_at", ["block", "sublayer"])
+def test_zero_initialised_xcross_reproduces_each_source(mix_at):
     """Stream m of an untrained X-Cross equals the single-adapter model of adapter m, at every token."""
     n = 3
     singles = [_lora_model(0, adapter_seed=10 + m) for m in range(n)]
-    xc = XCrossModel(tiny_decoder(0), n, LORA)
+    xc = XCrossModel(tiny_decoder(0), n, LORA, XCrossConfig(mix_at=mix_at))
     with torch.no_grad():
         for name, layer in lora_layers(xc.decoder).items():
             for m in range(n):
@@ -190,6 +191,61 @@ def test_zero_initialised_xcross_reproduces_each_source():
     assert not torch.allclose(got[0], got[1], atol=1e-3), "different adapters must give different streams"
 
 
+def _randomise_integrators(integrators, seed, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for integ in integrators:
+            integ.weight.copy_(torch.randn(integ.weight.shape, generator=g) * std)
+            integ.bias.copy_(torch.randn(integ.bias.shape, generator=g) * std)
+
+
+def test_sublayer_mixing_matches_a_hand_written_forward():
+    """Mixing after the attention sub-layers too: the streams of one X-Cross model against n single-adapter
+    models run sub-layer by sub-layer by hand (Gemma's sandwich norms written out), mixed between them."""
+    n = 2
+    singles = [_lora_model(0, adapter_seed=70 + m) for m in range(n)]
+    xc = XCrossModel(tiny_decoder(0), n, LORA, XCrossConfig(mix_at="sublayer", beta=0.8, gamma=1.2))
+    with torch.no_grad():
+        for name, layer in lora_layers(xc.decoder).items():
+            for m in range(n):
+                layer.lora_A[m].copy_(lora_layers(singles[m].decoder)[name].lora_A[0])
+                layer.lora_B[m].copy_(lora_layers(singles[m].decoder)[name].lora_B[0])
+    _randomise_integrators(xc.integrators, 1)
+    _randomise_integrators(xc.attention_integrators, 2)
+    batch = _random_batch(5)
+    with torch.no_grad():
+        got = xc.streams(batch.input_ids, batch.attention_mask, batch.position_ids)
+        inputs = singles[0].decoder.attention_inputs(batch.input_ids, batch.attention_mask, batch.position_ids)
+        h = [s.decoder.embed(batch.input_ids)[None] for s in singles]  # each (1, B, T, d)
+        for i in range(len(singles[0].decoder.model.layers)):
+            blocks = [s.decoder.model.layers[i] for s in singles]
+            rope, mask = inputs.rope[blocks[0].layer_type], inputs.masks[blocks[0].layer_type]
+            h = [x + b.post_attention_layernorm(b.self_attn(b.input_layernorm(x), rope, mask))
+                 for b, x in zip(blocks, h)]
+            h = list(xc.attention_integrators[i](torch.cat(h)).split(1))
+            h = [x + b.post_feedforward_layernorm(b.mlp(b.pre_feedforward_layernorm(x))) for b, x in zip(blocks, h)]
+            h = list(xc.integrators[i](torch.cat(h)).split(1))
+        want = singles[0].decoder.model.norm(torch.cat(h))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_sublayer_mixing_with_zero_attention_integrators_equals_block_mixing():
+    block = XCrossModel(tiny_decoder(0), 3, LORA)
+    sublayer = XCrossModel(tiny_decoder(0), 3, LORA, XCrossConfig(mix_at="sublayer"))
+    _randomise_adapters(block, 3)
+    _randomise_adapters(sublayer, 3)
+    _randomise_integrators(block.integrators, 4)
+    _randomise_integrators(sublayer.integrators, 4)
+    batch = _random_batch(6)
+    with torch.no_grad():
+        want = block.streams(batch.input_ids, batch.attention_mask, batch.position_ids)
+        got = sublayer.streams(batch.input_ids, batch.attention_mask, batch.position_ids)
+        _randomise_integrators(sublayer.attention_integrators, 5)
+        mixed = sublayer.streams(batch.input_ids, batch.attention_mask, batch.position_ids)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert not torch.allclose(mixed, want, atol=1e-3), "the attention integrators must act once non-zero"
+
+
 def test_one_stream_xcross_equals_lora_model(tmp_path):
     lora = _lora_model(0, adapter_seed=1)
     _randomise_head(lora, 2)
@@ -200,14 +256,15 @@ def test_one_stream_xcross_equals_lora_model(tmp_path):
         torch.testing.assert_close(xc.score(batch), lora.score(batch), atol=1e-6, rtol=0)
 
 
-def test_xcross_step_changes_only_integrators_w_and_head(tmp_path):
+@pytest.mark.parametrize("mix_at", ["block", "sublayer"])
+def test_xcross_step_changes_only_integrators_w_and_head(tmp_path, mix_at):
     paths = []
     for m in range(2):
         src = _lora_model(0, adapter_seed=20 + m)
         _randomise_head(src, 30 + m)
         paths.append(tmp_path / f"s{m}.safetensors")
         src.save_adapter(paths[-1])
-    model = build_model(tiny_decoder(0), "xcross", paths)
+    model = build_model(tiny_decoder(0), "xcross", paths, config=XCrossConfig(mix_at=mix_at))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-2)
     batch = _random_batch(3)
@@ -218,7 +275,8 @@ def test_xcross_step_changes_only_integrators_w_and_head(tmp_path):
         opt.step()
         opt.zero_grad()
     trainable = {n for n, _ in model.trainable_parameters()}
-    assert {n.split(".")[0] for n in trainable} == {"integrators", "stream_weights", "head"}
+    want = {"integrators", "stream_weights", "head"} | ({"attention_integrators"} if mix_at == "sublayer" else set())
+    assert {n.split(".")[0] for n in trainable} == want
     for key, value in model.state_dict().items():
         changed = not torch.equal(value, before[key])
         if key in trainable:
@@ -241,6 +299,23 @@ def test_head_starts_as_average_of_source_heads(tmp_path):
         torch.testing.assert_close(value, sum(h[key] for h in heads) / 3)
 
 
+def test_fresh_head_scores_every_candidate_equally(tmp_path):
+    paths = []
+    for m in range(2):
+        src = _lora_model(0, adapter_seed=m)
+        _randomise_head(src, 60 + m)
+        paths.append(tmp_path / f"s{m}.safetensors")
+        src.save_adapter(paths[-1])
+    batch = _random_batch(4)
+    with torch.no_grad():
+        averaged = build_model(tiny_decoder(0), "xcross", paths).score(batch)
+        fresh = build_model(tiny_decoder(0), "xcross", paths, head_init="fresh").score(batch)
+    assert torch.equal(fresh, torch.zeros_like(fresh)), "a fresh head starts at a uniform ranking (loss log C)"
+    assert averaged.std() > 0.01, "the averaged source heads already rank the candidates"
+    with pytest.raises(ValueError, match="head_init"):
+        build_model(tiny_decoder(0), "xcross", paths, head_init="random")
+
+
 def test_merge_adapter_is_the_mean_of_source_deltas(tmp_path):
     paths, deltas = [], []
     for m in range(2):
@@ -253,13 +328,14 @@ def test_merge_adapter_is_the_mean_of_source_deltas(tmp_path):
         torch.testing.assert_close(layer.delta_weight(), (deltas[0][name] + deltas[1][name]) / 2, atol=1e-6, rtol=0)
 
 
-def test_parameter_report_counts():
-    model = XCrossModel(tiny_decoder(0), 3, LORA)
+@pytest.mark.parametrize("mix_at, points_per_block", [("block", 1), ("sublayer", 2)])
+def test_parameter_report_counts(mix_at, points_per_block):
+    model = XCrossModel(tiny_decoder(0), 3, LORA, XCrossConfig(mix_at=mix_at))
     model.set_trainable({"integrators", "stream_weights", "head"})
     report = model.parameter_report()
     c = TINY_GEMMA
     d, L, n = c["hidden_size"], c["num_hidden_layers"], 3
-    integrators = L * (2 * n * (n - 1) * (n * d + 1))
+    integrators = points_per_block * L * (2 * n * (n - 1) * (n * d + 1))
     head = d * d + d + d + 1
     assert report["trainable"] == integrators + n + head
     # one adapter of rank 4 on q, k, v, o, gate, up, down of every block, by hand
@@ -274,15 +350,16 @@ def test_parameter_report_counts():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_packed_scores_equal_separate_sequences(seed):
-    """Random prefix lengths (beyond the sliding window of 8) and candidate lengths; n = 2 streams with a trained
-    integrator, so the check covers mixing as well as masks and positions."""
+    """Random prefix lengths (beyond the sliding window of 8) and candidate lengths; n = 2 streams with trained
+    integrators (after the attention sub-layers too for odd seeds), so the check covers mixing as well as masks
+    and positions."""
     rnd = random.Random(seed)
-    model = XCrossModel(tiny_decoder(seed), 2, LORA)
+    model = XCrossModel(tiny_decoder(seed), 2, LORA, XCrossConfig(mix_at="sublayer" if seed % 2 else "block"))
     _randomise_adapters(model, seed)
     _randomise_head(model, seed + 1)
-    with torch.no_grad():
-        for integ in model.integrators:
-            integ.weight.normal_(0, 0.05)
+    _randomise_integrators(model.integrators, seed + 2)
+    if model.attention_integrators is not None:
+        _randomise_integrators(model.attention_integrators, seed + 3)
     examples = []
     for _ in range(3):
         prefix = [rnd.randrange(1, 100) for _ in range(rnd.randint(1, 20))]
@@ -294,3 +371,34 @@ def test_packed_scores_equal_separate_sequences(seed):
         for b, (prefix, cands) in enumerate(examples):
             separate = model.score(collate_unpacked(prefix, cands, pad_id=0)).reshape(-1)
             torch.testing.assert_close(packed[b], separate, atol=1e-5, rtol=0)
+
+
+# -- torch.compile ---------------------------------------------------------------------------------------------------
+
+
+def test_compiled_regions_match_eager():
+    """`compile_regions` (train.py --compile) changes neither scores nor gradients, over batches of two shapes
+    (packed lengths differ from batch to batch in training), and keeps the parameter names."""
+    eager = XCrossModel(tiny_decoder(0), 2, LORA, XCrossConfig(mix_at="sublayer"))
+    _randomise_adapters(eager, 1)
+    _randomise_head(eager, 2)
+    _randomise_integrators(eager.integrators, 3)
+    _randomise_integrators(eager.attention_integrators, 4)
+    compiled = copy.deepcopy(eager)
+    compiled.compile_regions()
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    for model in (eager, compiled):
+        model.set_trainable({"integrators", "stream_weights", "head"})
+        model.train()
+    for seed, prefix in ((7, (11, 5)), (8, (3, 17))):
+        batch = _random_batch(seed, prefix=prefix)
+        labels = torch.tensor([1, 0])
+        grads = []
+        for model in (eager, compiled):
+            scores = model.score(batch)
+            torch.nn.functional.cross_entropy(scores, labels).backward()
+            grads.append((scores.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}))
+            model.zero_grad(set_to_none=True)
+        torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=1e-5)
+        for name, want in grads[0][1].items():
+            torch.testing.assert_close(grads[1][1][name], want, atol=1e-5, rtol=1e-4, msg=name)

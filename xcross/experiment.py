@@ -20,11 +20,13 @@ from .metrics import METRICS, per_user_metrics, summarise
 from .tokenizer import Tokenizer
 from .training import EvalResult, TrainConfig, dist_info, evaluate, fit, init_distributed, select_users
 from .weights import atomic_write_text, load_decoder, load_tensors
-from .xcross import ADAPTER_FORMAT, CHECKPOINT_FORMAT, XCrossConfig, XCrossModel, base_signature, build_model
+from .xcross import (ADAPTER_FORMAT, CHECKPOINT_FORMAT, HEAD_INITS, MIX_POINTS, XCrossConfig, XCrossModel,
+                     base_signature, build_model)
 
 TRAINED_METHODS = ("xcross", "lora", "merge", "head")
 DEFAULT_DATA_DIR = Path("data/demo")
 CURVE_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 class UsageError(Exception):
@@ -55,6 +57,9 @@ class RunSpec:
     beta: float = 1.0
     gamma: float = 1.0
     bound: float | None = None
+    mix_at: str = "block"  # "block" (the paper) or "sublayer" (also after every attention sub-layer)
+    head_init: str = "sources"  # X-Cross and merge heads: the sources' mean, or "fresh"
+    compile: str = "auto"  # torch.compile the blocks and integrators: "auto" (with CUDA), "on", "off"
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "auto"
     dtype: str = "auto"
@@ -68,7 +73,7 @@ class RunSpec:
 
     @property
     def xcross(self) -> XCrossConfig:
-        return XCrossConfig(self.beta, self.gamma, self.bound)
+        return XCrossConfig(self.beta, self.gamma, self.bound, mix_at=self.mix_at)
 
     @property
     def run_dir(self) -> Path:
@@ -175,6 +180,14 @@ def prepare_inputs(spec: RunSpec) -> RunSpec:
         raise UsageError(f"the target {spec.target!r} is also a source; X-Cross transfers from other domains")
     if not 0 < spec.fraction <= 1:
         raise UsageError(f"--fraction must be in (0, 1], got {spec.fraction}")
+    if spec.mix_at not in MIX_POINTS:
+        raise UsageError(f"--mix-at must be one of {', '.join(MIX_POINTS)} (got {spec.mix_at!r})")
+    if spec.head_init not in HEAD_INITS:
+        raise UsageError(f"--head-init must be one of {', '.join(HEAD_INITS)} (got {spec.head_init!r})")
+    if spec.compile not in COMPILE_CHOICES:
+        raise UsageError(f"--compile must be one of {', '.join(COMPILE_CHOICES)} (got {spec.compile!r})")
+    if spec.bound is not None and not spec.bound > 0:
+        raise UsageError(f"--bound must be positive (got {spec.bound}); omit it for unbounded coefficients")
     if spec.method in ("xcross", "merge") and not sources:
         raise UsageError(f"method {spec.method} needs at least one source domain besides the target")
     model_dir = spec.model_dir
@@ -278,7 +291,7 @@ def ensure_sources(spec: RunSpec, decoder, resume: bool = False, progress: bool 
 
 def build_for(spec: RunSpec, decoder, adapters: list[Path]) -> XCrossModel:
     method = "source" if spec.method == "source" else spec.method
-    return build_model(decoder, method, adapters, spec.lora, spec.xcross)
+    return build_model(decoder, method, adapters, spec.lora, spec.xcross, head_init=spec.head_init)
 
 
 def _fresh_decoder(spec: RunSpec, device: str, dtype: torch.dtype):
@@ -315,6 +328,9 @@ def run(spec: RunSpec, decoder=None, resume: bool = False, progress: bool = True
     # its own LoRA A and head initialisation.
     torch.manual_seed(spec.train.seed)
     model = build_for(spec, decoder, adapters)
+    compiled = spec.compile == "on" or (spec.compile == "auto" and device.startswith("cuda"))
+    if compiled:
+        model.compile_regions()
     report = model.parameter_report()
     run_dir = spec.run_dir
     if info.main:
@@ -323,7 +339,8 @@ def run(spec: RunSpec, decoder=None, resume: bool = False, progress: bool = True
         print(f"{spec.method} on {spec.target}: {len(train)} training examples from "
               f"{len({e.user_id for e in train})} users, {len(valid)} validation / {len(test_examples)} test users; "
               f"trainable parameters {report['trainable']:,} (a target LoRA + head: "
-              f"{report['target_lora_equivalent'] or 0:,}); device {device}, {str(dtype).removeprefix('torch.')}")
+              f"{report['target_lora_equivalent'] or 0:,}); device {device}, {str(dtype).removeprefix('torch.')}"
+              + (", torch.compile" if compiled else ""))
 
     def save_best(path: Path) -> None:
         save_trained(model, path, spec, adapters)

@@ -230,9 +230,14 @@ class GemmaBlock(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(d, eps, unit_offset=True)
         self.post_feedforward_layernorm = RMSNorm(d, eps, unit_offset=True)
 
-    def forward(self, x: Tensor, rope, mask, cache: KVCache | None = None) -> Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+    def attend(self, x: Tensor, rope, mask, cache: KVCache | None = None) -> Tensor:
+        return x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+
+    def feed_forward(self, x: Tensor) -> Tensor:
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+    def forward(self, x: Tensor, rope, mask, cache: KVCache | None = None) -> Tensor:
+        return self.feed_forward(self.attend(x, rope, mask, cache))
 
 
 class LlamaBlock(nn.Module):
@@ -247,9 +252,14 @@ class LlamaBlock(nn.Module):
         self.input_layernorm = RMSNorm(d, eps, unit_offset=False)
         self.post_attention_layernorm = RMSNorm(d, eps, unit_offset=False)
 
-    def forward(self, x: Tensor, rope, mask, cache: KVCache | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+    def attend(self, x: Tensor, rope, mask, cache: KVCache | None = None) -> Tensor:
+        return x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x: Tensor, rope, mask, cache: KVCache | None = None) -> Tensor:
+        return self.feed_forward(self.attend(x, rope, mask, cache))
 
 
 class Backbone(nn.Module):
@@ -349,10 +359,15 @@ class Decoder(nn.Module):
             out[t] = m[:, None].repeat(n_streams, 1, 1, 1)  # (n·B, 1, T, T_k)
         return AttentionInputs(rope, out)
 
-    def blocks(self, x: Tensor, inputs: AttentionInputs, mixers=None, cache: KVCache | None = None) -> Tensor:
-        """Run all blocks on `(n, B, T, d)` streams; `mixers[l]` (if given) mixes the streams after block l."""
+    def blocks(self, x: Tensor, inputs: AttentionInputs, mixers=None, cache: KVCache | None = None,
+               attention_mixers=None) -> Tensor:
+        """Run all blocks on `(n, B, T, d)` streams; `mixers[l]` (if given) mixes the streams after block l,
+        `attention_mixers[l]` after block l's attention sub-layer (its residual sum, before the MLP)."""
         for i, block in enumerate(self.model.layers):
-            x = block(x, inputs.rope[block.layer_type], inputs.masks[block.layer_type], cache)
+            x = block.attend(x, inputs.rope[block.layer_type], inputs.masks[block.layer_type], cache)
+            if attention_mixers is not None:
+                x = attention_mixers[i](x)
+            x = block.feed_forward(x)
             if mixers is not None:
                 x = mixers[i](x)
         return self.model.norm(x)

@@ -19,6 +19,8 @@ from .weights import load_decoder, load_tensors, save_tensors
 ADAPTER_FORMAT = "xcross-adapter/1"
 CHECKPOINT_FORMAT = "xcross-model/1"
 METHODS = ("xcross", "lora", "merge", "head", "source")
+MIX_POINTS = ("block", "sublayer")
+HEAD_INITS = ("sources", "fresh")
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,14 @@ class XCrossConfig:
     gamma: float = 1.0  # weight of the "move away from stream m'" term
     bound: float | None = None  # optional |z| bound, applied as bound · tanh(z / bound)
     eps: float = 1e-6  # of the parameter-free RMS normalisation of the integrator's input
+    # "block": mix after every block, as in the paper; "sublayer": also after every attention sub-layer.
+    mix_at: str = "block"
+
+    def __post_init__(self):
+        if self.mix_at not in MIX_POINTS:
+            raise ValueError(f"mix_at must be one of {MIX_POINTS} (got {self.mix_at!r})")
+        if self.bound is not None and not self.bound > 0:
+            raise ValueError(f"the coefficient bound must be positive (got {self.bound})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,8 +127,13 @@ class XCrossModel(nn.Module):
         if lora is not None:
             add_lora(decoder, lora, n_streams)
         n_blocks = decoder.config.num_hidden_layers
+        mixing = n_streams > 1
         self.integrators = (
-            nn.ModuleList(Integrator(n_streams, d, config, device) for _ in range(n_blocks)) if n_streams > 1 else None
+            nn.ModuleList(Integrator(n_streams, d, config, device) for _ in range(n_blocks)) if mixing else None
+        )
+        self.attention_integrators = (
+            nn.ModuleList(Integrator(n_streams, d, config, device) for _ in range(n_blocks))
+            if mixing and config.mix_at == "sublayer" else None
         )
         self.stream_weights = nn.Parameter(torch.full((n_streams,), 1.0 / n_streams, device=device))
         self.head = ScoringHead(d, device)
@@ -132,7 +147,7 @@ class XCrossModel(nn.Module):
         for name, p in self.named_parameters():
             if ".lora_" in name:
                 groups["adapters"].append((name, p))
-            elif name.startswith("integrators."):
+            elif name.startswith(("integrators.", "attention_integrators.")):
                 groups["integrators"].append((name, p))
             elif name == "stream_weights":
                 if self.n_streams > 1:  # with one stream w only rescales what the head sees
@@ -184,22 +199,39 @@ class XCrossModel(nn.Module):
             "frozen": sum(p.numel() for p in self.parameters()) - trainable,
         }
 
+    def compile_regions(self, **options) -> None:
+        """`torch.compile` every block's attention and MLP and every integrator in place. Regional compilation:
+        the 18 blocks share one compiled attention and one MLP graph, which compiles in seconds where the whole
+        model would take minutes; parameter names, and so checkpoints, do not change."""
+        for block in self.decoder.model.layers:
+            block.self_attn.compile(**options)
+            block.mlp.compile(**options)
+        for integrators in (self.integrators, self.attention_integrators):
+            for integrator in integrators or ():
+                integrator.compile(**options)
+
     # -- forward ----------------------------------------------------------------------------------------------------
 
     def streams(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                stats: list | None = None, segment_ids: Tensor | None = None) -> Tensor:
-        """Final-normed hidden states of every stream, `(n, B, T, d)`."""
+                stats: dict | None = None, segment_ids: Tensor | None = None) -> Tensor:
+        """Final-normed hidden states of every stream, `(n, B, T, d)`; `stats` (if given) collects every
+        integrator's coefficients z, under "block" (and "attention" when mixing after sub-layers too)."""
         use_flex = segment_ids is not None and (self.attention == "flex" or
                                                 (self.attention == "auto" and input_ids.is_cuda))
         inputs = self.decoder.attention_inputs(input_ids, attention_mask, position_ids, self.n_streams,
                                                segment_ids=segment_ids if use_flex else None)
         x = self.decoder.embed(input_ids)[None].expand(self.n_streams, -1, -1, -1)  # (n, B, T, d)
-        mixers = None
-        if self.integrators is not None:
-            mixers = self.integrators if stats is None else [lambda h, i=i: i(h, stats) for i in self.integrators]
-        return self.decoder.blocks(x, inputs, mixers)
 
-    def pooled(self, batch: Batch, stats: list | None = None) -> Tensor:
+        def recording(integrators, key):
+            if integrators is None or stats is None:
+                return integrators
+            stats[key] = []
+            return [lambda h, i=i: i(h, stats[key]) for i in integrators]
+
+        return self.decoder.blocks(x, inputs, recording(self.integrators, "block"),
+                                   attention_mixers=recording(self.attention_integrators, "attention"))
+
+    def pooled(self, batch: Batch, stats: dict | None = None) -> Tensor:
         """h = Σ_m w_m h'_m at every candidate's last token: `(B, C, d)` in fp32."""
         h = self.streams(batch.input_ids, batch.attention_mask, batch.position_ids, stats, batch.segment_ids)
         n, B, _, d = h.shape
@@ -213,19 +245,24 @@ class XCrossModel(nn.Module):
 
     @torch.no_grad()
     def coefficient_stats(self, batch: Batch) -> list[dict]:
-        """Per block: mean and max |z¹|, |z²| over the batch's real tokens (for the training log)."""
+        """Per block: mean and max |z¹|, |z²| over the batch's real tokens (for the training log); with mixing
+        after sub-layers too, the attention integrator's under "attention"."""
         if self.integrators is None:
             return []
-        stats: list[Tensor] = []
+        stats: dict[str, list[Tensor]] = {}
         self.pooled(batch, stats)
         valid = batch.token_mask()  # (B, T)
         pairs = self.n_streams * (self.n_streams - 1)
-        out = []
-        for z in stats:
+
+        def summary(z: Tensor) -> dict:
             z = z[valid].abs()
             z1, z2 = z[:, :pairs], z[:, pairs:]
-            out.append({"z1_mean": z1.mean().item(), "z1_max": z1.max().item(),
-                        "z2_mean": z2.mean().item(), "z2_max": z2.max().item()})
+            return {"z1_mean": z1.mean().item(), "z1_max": z1.max().item(),
+                    "z2_mean": z2.mean().item(), "z2_max": z2.max().item()}
+
+        out = [summary(z) for z in stats["block"]]
+        for record, z in zip(out, stats.get("attention", [])):
+            record["attention"] = summary(z)
         return out
 
     # -- saving and loading -----------------------------------------------------------------------------------------
@@ -297,15 +334,20 @@ def build_model(
     config: XCrossConfig = XCrossConfig(),
     device="cpu",
     dtype: torch.dtype = torch.float32,
+    head_init: str = "sources",
 ) -> XCrossModel:
     """One construction path for every method, from a base model directory (or a loaded decoder) and adapter files.
 
     - "lora": a new target adapter + head (n = 1); "head": frozen base + head; "source": one adapter + its head,
       nothing trainable (zero-shot); "merge": the mean of the sources' deltas as one adapter + a head;
-      "xcross": the n source adapters stacked, integrators, w and a head (the head starts as the sources' mean).
+      "xcross": the n source adapters stacked, integrators, w and a head.
+    `head_init`: with source adapters the head starts as the mean of the sources' heads ("sources") or as a new
+    head that scores every candidate equally ("fresh"); a "lora" or "head" run always starts fresh.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init must be one of {HEAD_INITS} (got {head_init!r})")
     decoder = base if isinstance(base, Decoder) else load_decoder(base, device, dtype)
     needs = {"lora": (0, 1), "head": (0, 0), "source": (1, 1), "merge": (1, None), "xcross": (1, None)}[method]
     if len(adapters) < needs[0] or (needs[1] is not None and len(adapters) > needs[1]):
@@ -332,7 +374,7 @@ def build_model(
             check_adapter(adapter, LoRAConfig.from_dict(cfg["lora"]), decoder, lora, str(path))
         if loaded:
             set_adapters(decoder, [a for a, _, _ in loaded])
-    if loaded:
+    if loaded and (head_init == "sources" or method == "source"):
         head = _average_heads([h for _, h, _ in loaded])
         model.head.load_state_dict({k.removeprefix("head."): v for k, v in head.items()})
     model.set_trainable({
