@@ -40,6 +40,8 @@ TRAIN_FLAGS = {
     "lr": (float, "learning rate of adapters, head and stream weights (default 5e-4; cpu preset 1e-3)"),
     "integrator_lr": (float, "learning rate of the integrators (default 1e-4)"),
     "weight_decay": (float, "AdamW weight decay (default 0)"),
+    "warmup": (float, "fraction of the steps warming the learning rates up linearly (default 0.1)"),
+    "schedule": (str, "after the warm-up: linear (decay to zero; default) or constant"),
     "train_candidates": (int, "candidates per training example (default 8)"),
     "eval_every": (int, "validate every N steps (default: every epoch)"),
     "checkpoint_every": (int, "checkpoint every N steps"),

@@ -322,6 +322,9 @@ USAGE_ERRORS = {  # id: (flags, what the message says; {world} and {empty} are f
     "head-init": (["--head-init", "zeros", "--out", "{empty}"],
                   "--head-init must be one of sources, fresh (got 'zeros')"),
     "bound": (["--bound", "0", "--out", "{empty}"], "--bound must be positive (got 0.0)"),
+    "schedule": (["--schedule", "cosine", "--out", "{empty}"], "--schedule must be one of linear, constant"),
+    "warmup": (["--warmup", "1.5", "--out", "{empty}"], "--warmup is a fraction of the steps in [0, 1), got 1.5"),
+    "compile": (["--compile", "yes", "--out", "{empty}"], "--compile must be one of auto, on, off (got 'yes')"),
 }
 
 

@@ -402,3 +402,19 @@ def test_compiled_regions_match_eager():
         torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=1e-5)
         for name, want in grads[0][1].items():
             torch.testing.assert_close(grads[1][1][name], want, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_padding_to_a_length_multiple_changes_no_score(attention):
+    """CUDA batches are padded to a multiple of 128 tokens (fewer shapes to compile): extra padding is masked out."""
+    model = XCrossModel(tiny_decoder(0), 2, LORA, attention=attention)
+    _randomise_adapters(model, 1)
+    _randomise_head(model, 2)
+    _randomise_integrators(model.integrators, 3)
+    rnd = random.Random(0)
+    packed = [pack([rnd.randrange(1, 100) for _ in range(n)], [[rnd.randrange(1, 100) for _ in range(3)]] * 4)
+              for n in (13, 6)]
+    tight, padded = collate(packed, pad_id=0), collate(packed, pad_id=0, multiple=16)
+    assert tight.input_ids.shape[1] == 25 and padded.input_ids.shape[1] == 32
+    with torch.no_grad():
+        torch.testing.assert_close(model.score(padded), model.score(tight), atol=1e-5, rtol=0)

@@ -187,9 +187,10 @@ def packed_mask(segment_ids: Tensor) -> Tensor:
     return causal & ((k == 0) | (k == q)) & (k != PAD_SEGMENT) & (q != PAD_SEGMENT)
 
 
-def collate(packed: list[Packed], pad_id: int, labels: list[int] | None = None) -> Batch:
-    """Right-pad packed examples into one batch and build its mask once, vectorised."""
-    B, T = len(packed), max(len(p.input_ids) for p in packed)
+def collate(packed: list[Packed], pad_id: int, labels: list[int] | None = None, multiple: int = 1) -> Batch:
+    """Right-pad packed examples into one batch (its length rounded up to `multiple`) and build its mask once,
+    vectorised."""
+    B, T = len(packed), -(-max(len(p.input_ids) for p in packed) // multiple) * multiple
     C = len(packed[0].last_index)
     if any(len(p.last_index) != C for p in packed):
         raise ValueError("every example of a batch needs the same number of candidates")

@@ -18,7 +18,7 @@ from .data import Domain, Example, PromptBuilder, load_domain
 from .lora import DEFAULT_TARGETS, LoRAConfig
 from .metrics import METRICS, per_user_metrics, summarise
 from .tokenizer import Tokenizer
-from .training import EvalResult, TrainConfig, dist_info, evaluate, fit, init_distributed, select_users
+from .training import SCHEDULES, EvalResult, TrainConfig, dist_info, evaluate, fit, init_distributed, select_users
 from .weights import atomic_write_text, load_decoder, load_tensors
 from .xcross import (ADAPTER_FORMAT, CHECKPOINT_FORMAT, HEAD_INITS, MIX_POINTS, XCrossConfig, XCrossModel,
                      base_signature, build_model)
@@ -184,6 +184,10 @@ def prepare_inputs(spec: RunSpec) -> RunSpec:
         raise UsageError(f"--mix-at must be one of {', '.join(MIX_POINTS)} (got {spec.mix_at!r})")
     if spec.head_init not in HEAD_INITS:
         raise UsageError(f"--head-init must be one of {', '.join(HEAD_INITS)} (got {spec.head_init!r})")
+    if spec.train.schedule not in SCHEDULES:
+        raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)} (got {spec.train.schedule!r})")
+    if not 0 <= spec.train.warmup < 1:
+        raise UsageError(f"--warmup is a fraction of the steps in [0, 1), got {spec.train.warmup}")
     if spec.compile not in COMPILE_CHOICES:
         raise UsageError(f"--compile must be one of {', '.join(COMPILE_CHOICES)} (got {spec.compile!r})")
     if spec.bound is not None and not spec.bound > 0:

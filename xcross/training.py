@@ -25,6 +25,7 @@ from .weights import atomic_write_text, load_tensors, save_tensors
 from .xcross import CHECKPOINT_FORMAT, XCrossModel, base_signature
 
 SELECTION_METRIC = "mrr"
+SCHEDULES = ("linear", "constant")
 
 
 @dataclass
@@ -38,7 +39,8 @@ class TrainConfig:
     # Integrators get their own rate: on the demo world 1e-3 wrecked the streams within 20 steps (docs/RESULTS.md).
     integrator_lr: float = 1e-4
     weight_decay: float = 0.0
-    warmup: float = 0.1  # fraction of the steps spent warming up linearly; then linear decay to zero
+    warmup: float = 0.1  # fraction of the steps spent warming up linearly
+    schedule: str = "linear"  # after the warm-up: "linear" decay to zero, or "constant"
     grad_clip: float = 1.0
     train_candidates: int = 8  # candidates per training example (target + fresh negatives every epoch)
     eval_every: int | None = None  # validate every N steps (default: at the end of every epoch)
@@ -108,8 +110,14 @@ def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 2, epoch]).permutation(n)
 
 
+def length_multiple(device) -> int:
+    """Batches on CUDA are padded to a multiple of FlexAttention's 128-token blocks: a handful of distinct lengths,
+    so compiled attention and blocks are not recompiled for every new batch length."""
+    return 128 if str(device).startswith("cuda") else 1
+
+
 def training_batch(examples: list[Example], indices: np.ndarray, epoch: int, builder: PromptBuilder,
-                   item_ids: np.ndarray, num_candidates: int, seed: int, pad_id: int):
+                   item_ids: np.ndarray, num_candidates: int, seed: int, pad_id: int, multiple: int = 1):
     """Packed batch of the given examples with negatives drawn for (seed, epoch, example): independent of batching,
     process count and resumption."""
     packed, labels = [], []
@@ -119,7 +127,7 @@ def training_batch(examples: list[Example], indices: np.ndarray, epoch: int, bui
         cands, label = sample_candidates(ex, item_ids, num_candidates, rng)
         packed.append(pack(builder.prefix(ex.history), [builder.candidate(c) for c in cands]))
         labels.append(label)
-    return collate(packed, pad_id, labels)
+    return collate(packed, pad_id, labels, multiple)
 
 
 # -- evaluation ------------------------------------------------------------------------------------------------------
@@ -159,7 +167,7 @@ def evaluate(model: XCrossModel, examples: list[Example], builder: PromptBuilder
     for start in range(0, len(mine), batch_size):
         chunk = [examples[i] for i in mine[start:start + batch_size]]
         packed = [pack(builder.prefix(e.history), [builder.candidate(c) for c in e.candidates]) for e in chunk]
-        batch = collate(packed, pad).to(device)
+        batch = collate(packed, pad, multiple=length_multiple(device)).to(device)
         scores[start:start + len(chunk)] = model.score(batch).float().cpu().numpy()
         bar.update(len(chunk))
     bar.close()
@@ -265,6 +273,8 @@ def make_optimizer(model: XCrossModel, config: TrainConfig, total_steps: int):
         if params:
             lr = config.integrator_lr if name == "integrators" else config.lr
             param_groups.append({"params": params, "lr": lr, "name": name})
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES} (got {config.schedule!r})")
     if not param_groups:
         raise ValueError("this model has nothing to train (method 'source' is evaluated zero-shot)")
     optimizer = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
@@ -273,6 +283,8 @@ def make_optimizer(model: XCrossModel, config: TrainConfig, total_steps: int):
     def schedule(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if config.schedule == "constant":
+            return 1.0
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -378,7 +390,7 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
                 global_idx = order[b * config.batch_size:(b + 1) * config.batch_size]
                 mine = global_idx[info.rank::info.world]
                 batch = training_batch(train, mine, state.epoch, builder, items, config.train_candidates,
-                                       config.seed, pad).to(device)
+                                       config.seed, pad, length_multiple(device)).to(device)
                 scores = model.score(batch)
                 # Sum over this process's examples / global batch size: summed over processes, the mean loss.
                 loss = F.cross_entropy(scores, batch.labels, reduction="sum") / len(global_idx)
