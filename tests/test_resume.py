@@ -19,7 +19,7 @@ from tests.pipeline_fixtures import (
 from xcross.data import PromptBuilder, load_domain
 from xcross.lora import LoRAConfig
 from xcross.tokenizer import Tokenizer
-from xcross.training import TrainConfig, fit
+from xcross.training import TrainConfig, TrainingDiverged, fit
 from xcross.weights import load_decoder
 from xcross.xcross import build_model
 
@@ -134,3 +134,21 @@ def test_fit_resumes_from_a_checkpoint_exactly(setup, tmp_path):
     no_rng = model()
     train_model(tmp_path / "no_rng", no_rng, resume=True)
     assert max_abs_diff(no_rng.trained_tensors(), want) > 1e-4
+
+
+def test_non_finite_training_stops_with_the_step_and_updates_nothing(setup, tmp_path):
+    """A learning rate of 1e30 overflows the model after its first update: fit must stop at the first non-finite
+    loss or gradient, name the step, and leave every trained tensor finite (the bad step is never applied)."""
+    domain = load_domain(setup["world"] / TARGET)
+    builder = PromptBuilder(Tokenizer.from_dir(setup["model"]), domain.items, title_tokens=8, history_len=3)
+    train = [e for e in domain.train if len(e.history) >= 2][:24]
+    config = TrainConfig(epochs=1, batch_size=4, lr=1e30, train_candidates=4, log_every=1, seed=3)
+    torch.manual_seed(0)
+    model = build_model(load_decoder(setup["model"]), "lora", lora=LoRAConfig(rank=4, alpha=8, dropout=0.0))
+    with pytest.raises(TrainingDiverged, match=r"non-finite (loss|gradient) at step [1-5] \(epoch 0\)") as err:
+        fit(model, train, domain.valid[:8], builder, list(domain.items), config, tmp_path / "run",
+            save_best=lambda path: None, progress=False)
+    assert str(tmp_path / "run" / "ckpt") in str(err.value)
+    assert all(torch.isfinite(p).all() for _, p in model.trainable_parameters())
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert logged and all(np.isfinite(r["loss"]) for r in logged)  # only finite steps were logged

@@ -401,7 +401,7 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
                 loss_value = loss.detach()
                 if info.world > 1:
                     dist.all_reduce(loss_value)
-                if not (torch.isfinite(loss_value) and torch.isfinite(grad_norm)):
+                if not bool(torch.isfinite(loss_value) & torch.isfinite(grad_norm)):  # the step's one host sync
                     raise TrainingDiverged(
                         f"non-finite {'loss' if not torch.isfinite(loss_value) else 'gradient'} at step {state.step} "
                         f"(epoch {state.epoch}); nothing was updated. Lower --lr/--integrator-lr or set a "
