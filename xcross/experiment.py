@@ -500,23 +500,25 @@ def plot_curve(rows: list[dict], path: Path, target: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for method in sorted({r["method"] for r in rows if not r.get("baseline")}):  # baselines: lines, below
         pts = sorted((r["fraction"], r["hit@1"]) for r in rows if r["method"] == method)
         x = [p[0] for p in pts]
         y = [p[1]["mean"] for p in pts]
         ax.plot(x, y, marker="o", label=method)
         ax.fill_between(x, [p[1]["low"] for p in pts], [p[1]["high"] for p in pts], alpha=0.2)
-    for r in rows:
-        if r.get("baseline"):
-            ax.axhline(r["hit@1"]["mean"], linestyle="--", linewidth=1, color="gray")
-            ax.annotate(r["method"], (x[0] if rows else 0, r["hit@1"]["mean"]), fontsize=8, color="gray")
+    styles = ["--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
+    for i, r in enumerate(r for r in rows if r.get("baseline")):  # in the legend: labels of close lines collide
+        ax.axhline(r["hit@1"]["mean"], linestyle=styles[i % len(styles)], linewidth=1.2, color=f"C{i + 2}",
+                   label=f"{r['method']} (all users)" if r.get("trainable") else r["method"])
+    fractions = sorted({r["fraction"] for r in rows if not r.get("baseline")})
     ax.set_xscale("log")
-    ax.set_xticks(CURVE_FRACTIONS, [f"{f:g}" for f in CURVE_FRACTIONS])
+    ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+    ax.minorticks_off()
     ax.set_xlabel("fraction of target training users")
     ax.set_ylabel("test Hit@1 (95% CI)")
     ax.set_title(f"data efficiency on {target}")
-    ax.legend()
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=120)
