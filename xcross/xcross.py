@@ -201,8 +201,8 @@ class XCrossModel(nn.Module):
 
     def compile_regions(self, **options) -> None:
         """`torch.compile` every block's attention and MLP and every integrator in place. Regional compilation:
-        the blocks share one compiled attention and one MLP graph instead of one graph of the whole depth;
-        parameter names, and so checkpoints, do not change."""
+        small graphs of the same code for every block, instead of one graph of the whole depth; parameter names,
+        and so checkpoints, do not change."""
         for block in self.decoder.model.layers:
             block.self_attn.compile(**options)
             block.mlp.compile(**options)
