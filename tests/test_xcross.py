@@ -199,6 +199,15 @@ def _randomise_integrators(integrators, seed, std=0.05):
             integ.bias.copy_(torch.randn(integ.bias.shape, generator=g) * std)
 
 
+def _randomise_model(model, seed):
+    """Adapters, head and every integrator set to seeded random values, as after training."""
+    _randomise_adapters(model, seed)
+    _randomise_head(model, seed + 1)
+    _randomise_integrators(model.integrators, seed + 2)
+    if model.attention_integrators is not None:
+        _randomise_integrators(model.attention_integrators, seed + 3)
+
+
 def test_sublayer_mixing_matches_a_hand_written_forward():
     """Mixing after the attention sub-layers too: the streams of one X-Cross model against n single-adapter
     models run sub-layer by sub-layer by hand (Gemma's sandwich norms written out), mixed between them."""
@@ -355,11 +364,7 @@ def test_packed_scores_equal_separate_sequences(seed):
     and positions."""
     rnd = random.Random(seed)
     model = XCrossModel(tiny_decoder(seed), 2, LORA, XCrossConfig(mix_at="sublayer" if seed % 2 else "block"))
-    _randomise_adapters(model, seed)
-    _randomise_head(model, seed + 1)
-    _randomise_integrators(model.integrators, seed + 2)
-    if model.attention_integrators is not None:
-        _randomise_integrators(model.attention_integrators, seed + 3)
+    _randomise_model(model, seed)
     examples = []
     for _ in range(3):
         prefix = [rnd.randrange(1, 100) for _ in range(rnd.randint(1, 20))]
@@ -380,10 +385,7 @@ def test_compiled_regions_match_eager():
     """`compile_regions` (train.py --compile) changes neither scores nor gradients, over batches of two shapes
     (packed lengths differ from batch to batch in training), and keeps the parameter names."""
     eager = XCrossModel(tiny_decoder(0), 2, LORA, XCrossConfig(mix_at="sublayer"))
-    _randomise_adapters(eager, 1)
-    _randomise_head(eager, 2)
-    _randomise_integrators(eager.integrators, 3)
-    _randomise_integrators(eager.attention_integrators, 4)
+    _randomise_model(eager, 1)
     compiled = copy.deepcopy(eager)
     compiled.compile_regions()
     assert compiled.state_dict().keys() == eager.state_dict().keys()
@@ -408,9 +410,7 @@ def test_compiled_regions_match_eager():
 def test_padding_to_a_length_multiple_changes_no_score(attention):
     """CUDA batches are padded to a multiple of 128 tokens (fewer shapes to compile): extra padding is masked out."""
     model = XCrossModel(tiny_decoder(0), 2, LORA, attention=attention)
-    _randomise_adapters(model, 1)
-    _randomise_head(model, 2)
-    _randomise_integrators(model.integrators, 3)
+    _randomise_model(model, 1)
     rnd = random.Random(0)
     packed = [pack([rnd.randrange(1, 100) for _ in range(n)], [[rnd.randrange(1, 100) for _ in range(3)]] * 4)
               for n in (13, 6)]

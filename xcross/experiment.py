@@ -180,16 +180,13 @@ def prepare_inputs(spec: RunSpec) -> RunSpec:
         raise UsageError(f"the target {spec.target!r} is also a source; X-Cross transfers from other domains")
     if not 0 < spec.fraction <= 1:
         raise UsageError(f"--fraction must be in (0, 1], got {spec.fraction}")
-    if spec.mix_at not in MIX_POINTS:
-        raise UsageError(f"--mix-at must be one of {', '.join(MIX_POINTS)} (got {spec.mix_at!r})")
-    if spec.head_init not in HEAD_INITS:
-        raise UsageError(f"--head-init must be one of {', '.join(HEAD_INITS)} (got {spec.head_init!r})")
-    if spec.train.schedule not in SCHEDULES:
-        raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)} (got {spec.train.schedule!r})")
+    choices = {"--mix-at": (spec.mix_at, MIX_POINTS), "--head-init": (spec.head_init, HEAD_INITS),
+               "--schedule": (spec.train.schedule, SCHEDULES), "--compile": (spec.compile, COMPILE_CHOICES)}
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UsageError(f"{flag} must be one of {', '.join(allowed)} (got {value!r})")
     if not 0 <= spec.train.warmup < 1:
         raise UsageError(f"--warmup is a fraction of the steps in [0, 1), got {spec.train.warmup}")
-    if spec.compile not in COMPILE_CHOICES:
-        raise UsageError(f"--compile must be one of {', '.join(COMPILE_CHOICES)} (got {spec.compile!r})")
     if spec.bound is not None and not spec.bound > 0:
         raise UsageError(f"--bound must be positive (got {spec.bound}); omit it for unbounded coefficients")
     if spec.method in ("xcross", "merge") and not sources:
@@ -294,8 +291,7 @@ def ensure_sources(spec: RunSpec, decoder, resume: bool = False, progress: bool 
 
 
 def build_for(spec: RunSpec, decoder, adapters: list[Path]) -> XCrossModel:
-    method = "source" if spec.method == "source" else spec.method
-    return build_model(decoder, method, adapters, spec.lora, spec.xcross, head_init=spec.head_init)
+    return build_model(decoder, spec.method, adapters, spec.lora, spec.xcross, head_init=spec.head_init)
 
 
 def _fresh_decoder(spec: RunSpec, device: str, dtype: torch.dtype):
