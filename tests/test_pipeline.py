@@ -182,6 +182,10 @@ def test_xcross_run_directory(setup, xcross_run):
     assert results["training"]["train_examples"] == 24
     assert results["training"]["steps"] == 3
     assert results["test_users"] == 24
+    # The stage timings nest: validation inside training, training and test inside the whole run.
+    training = results["training"]
+    assert 0 < training["valid_seconds"] < training["train_seconds"]
+    assert 0 < training["train_seconds"] + results["test_seconds"] < results["seconds"]
 
 
 def test_xcross_outputs_reproduce(setup, xcross_run):

@@ -349,15 +349,17 @@ def run(spec: RunSpec, decoder=None, resume: bool = False, progress: bool = True
                   device, progress)
     best, _ = load_tensors(run_dir / "best.safetensors", device)
     model.load_trained({k: v for k, v in best.items()})
-    result = None
+    result, test_seconds = None, 0.0
     if test:
+        test_start = time.perf_counter()
         result = evaluate(model, test_examples, builder, spec.train.eval_batch_size, device, desc="test",
                           progress=progress)
+        test_seconds = time.perf_counter() - test_start
     results = {
         "method": spec.method, "target": spec.target, "sources": spec.sources if adapters else [],
         "fraction": spec.fraction, "test": result.metrics(seed=spec.train.seed) if result else None,
         "parameters": report, "training": summary, "test_users": len(test_examples) if result else 0,
-        "seconds": time.perf_counter() - start, "completed": True,
+        "seconds": time.perf_counter() - start, "test_seconds": test_seconds, "completed": True,
     }
     if info.main:
         if result is not None:

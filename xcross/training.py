@@ -327,7 +327,8 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
         config: TrainConfig, run_dir: str | Path, save_best, resume: bool = False, device="cpu",
         progress: bool = True) -> dict:
     """Train `model`'s trainable groups on `train`, validating on `valid`; `save_best(path)` writes the best
-    weights. Returns a summary (steps, examples seen, best validation, timings)."""
+    weights. Returns a summary (steps, examples seen, best validation, timings: `train_seconds` is this call's wall
+    time, validation included; `valid_seconds` the part of it spent validating)."""
     info = dist_info()
     run_dir = Path(run_dir)
     if not train:
@@ -362,8 +363,13 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    valid_seconds = 0.0
+
     def validate() -> None:
+        nonlocal valid_seconds
+        started = time.perf_counter()
         result = evaluate(model, valid, builder, config.eval_batch_size, device, desc="validate", progress=progress)
+        valid_seconds += time.perf_counter() - started
         metrics = result.metrics(bootstrap=0)
         value = metrics[SELECTION_METRIC]["mean"]
         record = {"step": state.step, "valid": {k: v["mean"] for k, v in metrics.items()}}
@@ -447,4 +453,4 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
     return {"steps": state.step, "epochs_completed": state.epoch, "examples_seen": state.examples_seen,
             "train_examples": len(train), "best_step": state.best_step,
             "best_valid": {SELECTION_METRIC: state.best_metric}, "valid_history": state.history,
-            "train_seconds": elapsed}
+            "train_seconds": elapsed, "valid_seconds": valid_seconds}
