@@ -383,7 +383,8 @@ def test_packed_scores_equal_separate_sequences(seed):
 
 def test_compiled_regions_match_eager():
     """`compile_regions` (train.py --compile) changes neither scores nor gradients, over batches of two shapes
-    (packed lengths differ from batch to batch in training), and keeps the parameter names."""
+    (packed lengths differ from batch to batch in training), and keeps the parameter names. The coefficients the
+    training forward collects for the log (`score(batch, stats)`, eager and compiled) equal a separate forward's."""
     eager = XCrossModel(tiny_decoder(0), 2, LORA, XCrossConfig(mix_at="sublayer"))
     _randomise_model(eager, 1)
     compiled = copy.deepcopy(eager)
@@ -395,12 +396,23 @@ def test_compiled_regions_match_eager():
     for seed, prefix in ((7, (11, 5)), (8, (3, 17))):
         batch = _random_batch(seed, prefix=prefix)
         labels = torch.tensor([1, 0])
-        grads = []
+        grads, logged = [], []
+        separate = eager.coefficient_stats(batch)  # its own no-grad forward
         for model in (eager, compiled):
-            scores = model.score(batch)
+            stats = {}
+            scores = model.score(batch, stats)
             torch.nn.functional.cross_entropy(scores, labels).backward()
             grads.append((scores.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}))
+            logged.append(model.coefficient_stats(batch, stats))
             model.zero_grad(set_to_none=True)
+        assert len(separate) == eager.decoder.config.num_hidden_layers and "attention" in separate[0]
+        for record in logged:
+            assert len(record) == len(separate)
+            for got, want in zip(record, separate):
+                assert got.keys() == want.keys()
+                for key in ("z1_mean", "z1_max", "z2_mean", "z2_max"):
+                    assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+                    assert got["attention"][key] == pytest.approx(want["attention"][key], rel=1e-4, abs=1e-6)
         torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=1e-5)
         for name, want in grads[0][1].items():
             torch.testing.assert_close(grads[1][1][name], want, atol=1e-5, rtol=1e-4, msg=name)

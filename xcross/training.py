@@ -397,7 +397,10 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
                 mine = global_idx[info.rank::info.world]
                 batch = training_batch(train, mine, state.epoch, builder, items, config.train_candidates,
                                        config.seed, pad, length_multiple(device)).to(device)
-                scores = model.score(batch)
+                logged = (state.step + 1) % config.log_every == 0 or state.step + 1 == total
+                # On logged steps the forward also keeps the integrators' coefficients for the log (no second pass).
+                stats = {} if logged and model.integrators is not None else None
+                scores = model.score(batch, stats)
                 # Sum over this process's examples / global batch size: summed over processes, the mean loss.
                 loss = F.cross_entropy(scores, batch.labels, reduction="sum") / len(global_idx)
                 loss.backward()
@@ -419,15 +422,14 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
                 state.batch_in_epoch += 1
                 state.examples_seen += len(global_idx)
                 bar.update(1)
-                if state.step % config.log_every == 0 or state.step == total:
+                if logged:
                     elapsed = time.perf_counter() - start_time
                     rate = (state.step - start_step) * config.batch_size / max(elapsed, 1e-9)
                     record = {"step": state.step, "epoch": state.epoch, "loss": loss_value.item(),
                               "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr(),
                               "examples_per_s": rate}
-                    if model.integrators is not None:
-                        record["integrators"] = model.coefficient_stats(batch)
-                        model.train()
+                    if stats is not None:
+                        record["integrators"] = model.coefficient_stats(batch, stats)
                     log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", ex_s=f"{rate:.1f}")
                 if config.eval_every and state.step % config.eval_every == 0:

@@ -239,18 +239,20 @@ class XCrossModel(nn.Module):
         h_last = torch.gather(h, 2, index).float()  # (n, B, C, d)
         return torch.einsum("n,nbcd->bcd", self.stream_weights.float(), h_last)
 
-    def score(self, batch: Batch) -> Tensor:
-        """One score per candidate: `(B, C)`."""
-        return self.head(self.pooled(batch))
+    def score(self, batch: Batch, stats: dict | None = None) -> Tensor:
+        """One score per candidate: `(B, C)`; `stats` as in `streams`."""
+        return self.head(self.pooled(batch, stats))
 
     @torch.no_grad()
-    def coefficient_stats(self, batch: Batch) -> list[dict]:
+    def coefficient_stats(self, batch: Batch, stats: dict | None = None) -> list[dict]:
         """Per block: mean and max |z¹|, |z²| over the batch's real tokens (for the training log); with mixing
-        after sub-layers too, the attention integrator's under "attention"."""
+        after sub-layers too, the attention integrator's under "attention". `stats` are the coefficients a
+        `score(batch, stats)` call collected (the training step's own forward); without them, a forward computes them."""
         if self.integrators is None:
             return []
-        stats: dict[str, list[Tensor]] = {}
-        self.pooled(batch, stats)
+        if stats is None:
+            stats = {}
+            self.pooled(batch, stats)
         valid = batch.token_mask()  # (B, T)
         pairs = self.n_streams * (self.n_streams - 1)
 
