@@ -69,6 +69,14 @@ def test_torchrun_matches_a_single_process(setup, method):
     losses = [(a["loss"], b["loss"]) for a, b in zip(single_log, multi_log) if "loss" in a]
     assert len(losses) == 4  # every 2 steps (the cpu preset)
     np.testing.assert_allclose(*zip(*losses), rtol=0, atol=1e-5)
+    if method == "xcross":  # the integrators' statistics cover the whole global batch, not rank 0's half of it
+        logged = [(a["integrators"], b["integrators"]) for a, b in zip(single_log, multi_log) if "loss" in a]
+        for single_layers, multi_layers in logged:
+            assert len(multi_layers) == len(single_layers) > 0
+            for want, got in zip(single_layers, multi_layers):
+                assert got.keys() == want.keys() == {"z1_mean", "z1_max", "z2_mean", "z2_max"}
+                for key in want:
+                    assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
 
     for name in ("best.safetensors", "trained.safetensors"):
         directory = (lambda d: d) if name == "best.safetensors" else latest_checkpoint

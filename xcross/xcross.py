@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .data import Batch
@@ -247,7 +248,8 @@ class XCrossModel(nn.Module):
     def coefficient_stats(self, batch: Batch, stats: dict | None = None) -> list[dict]:
         """Per block: mean and max |z¹|, |z²| over the batch's real tokens (for the training log); with mixing
         after sub-layers too, the attention integrator's under "attention". `stats` are the coefficients a
-        `score(batch, stats)` call collected (the training step's own forward); without them, a forward computes them."""
+        `score(batch, stats)` call collected (the training step's own forward); without them, a forward computes
+        them. Under torchrun the figures cover every process's share of the batch, so every process must call it."""
         if self.integrators is None:
             return []
         if stats is None:
@@ -255,16 +257,21 @@ class XCrossModel(nn.Module):
             self.pooled(batch, stats)
         valid = batch.token_mask()  # (B, T)
         pairs = self.n_streams * (self.n_streams - 1)
-
-        def summary(z: Tensor) -> dict:
-            z = z[valid].abs()
+        sums, maxes = [], []  # per mixing point: (Σ|z¹|, Σ|z²|, entries of each) and (max |z¹|, max |z²|)
+        for z in stats["block"] + stats.get("attention", []):
+            z = z[valid].abs().float()
             z1, z2 = z[:, :pairs], z[:, pairs:]
-            return {"z1_mean": z1.mean().item(), "z1_max": z1.max().item(),
-                    "z2_mean": z2.mean().item(), "z2_max": z2.max().item()}
-
-        out = [summary(z) for z in stats["block"]]
-        for record, z in zip(out, stats.get("attention", [])):
-            record["attention"] = summary(z)
+            sums.append(torch.stack([z1.sum(), z2.sum(), z1.new_tensor(z1.numel())]))
+            maxes.append(torch.stack([z1.max(), z2.max()]))
+        sums, maxes = torch.stack(sums), torch.stack(maxes)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        rows = [{"z1_mean": s1 / n, "z1_max": m1, "z2_mean": s2 / n, "z2_max": m2}
+                for (s1, s2, n), (m1, m2) in zip(sums.tolist(), maxes.tolist())]
+        out, attention = rows[:len(stats["block"])], rows[len(stats["block"]):]
+        for record, extra in zip(out, attention):
+            record["attention"] = extra
         return out
 
     # -- saving and loading -----------------------------------------------------------------------------------------
