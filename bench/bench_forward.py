@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.gemma import convert  # noqa: E402
-from xcross.weights import atomic_write_text, load_decoder  # noqa: E402
+from xcross.files import atomic_write  # noqa: E402
+from xcross.weights import load_decoder  # noqa: E402
 
 
 def _time_pair(a, b, repeats: int) -> tuple[float, float]:
@@ -76,7 +77,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
         "rows": rows,
     }
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    atomic_write(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

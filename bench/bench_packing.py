@@ -4,7 +4,7 @@
 
 One example = a history of `--history` titles and `--candidates` candidate titles (title lengths drawn from
 8..24 tokens, as product titles under the 24-token budget), scored by a one-stream LoRA model with the Gemma 3
-270M shapes. Targets (issue 3): >= 4x fewer tokens and >= 3x faster on CPU.
+270M shapes. Targets: >= 4x fewer tokens and >= 3x faster on CPU.
 """
 
 from __future__ import annotations

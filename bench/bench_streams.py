@@ -4,7 +4,7 @@ single-stream passes, on the Gemma 3 270M shapes.
     python bench/bench_streams.py [--device cpu|cuda] [--dtype bfloat16] [--streams 3] [--batch 4 --seq 512]
 
 Both sides compute the same n sets of hidden states (zero-initialised integrators leave the streams unmixed; the
-check is printed). Targets (issue 3): lockstep no slower on CPU, <= 0.8x the time on a GPU.
+check is printed). Targets: lockstep no slower on CPU, <= 0.8x the time on a GPU.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main() -> None:
 
     @torch.no_grad()
     def run_lockstep():
-        return lockstep.streams(ids)
+        return lockstep.streams(ids).hidden
 
     integrators = lockstep.integrators
 
@@ -44,13 +44,13 @@ def main() -> None:
     def run_lockstep_unmixed():  # the same lockstep pass without the integrators: the cost of mixing, separately
         lockstep.integrators = None
         try:
-            return lockstep.streams(ids)
+            return lockstep.streams(ids).hidden
         finally:
             lockstep.integrators = integrators
 
     @torch.no_grad()
     def run_sequential():
-        return torch.cat([s.streams(ids) for s in singles])
+        return torch.cat([s.streams(ids).hidden for s in singles])
 
     diff = (run_lockstep().float() - run_sequential().float()).abs().max().item()
     times = time_side_by_side({"lockstep": run_lockstep, "lockstep_unmixed": run_lockstep_unmixed,

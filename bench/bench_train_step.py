@@ -8,9 +8,9 @@ Every side runs forward + backward + AdamW step on one `(batch, seq)` batch of r
 last position: ours through the scoring head (no vocabulary logits), the reference through its LM head at the last
 position only (`logits_to_keep=1`). Printed: tokens/s, the ratios, and (on CUDA) model-FLOP utilisation counting
 4·N_nonembed FLOPs per token per stream (frozen weights: forward 2N, input gradients 2N; attention and the small
-adapter products not counted, as in the issue's reference figure). The same count is also divided by the FLOP/s of
+adapter products not counted). The same count is also divided by the FLOP/s of
 the model's main GEMM (tokens x 640 -> 2048, the MLP projections) timed in the same run: the share of what this
-machine can do on such products, a ceiling for any implementation. Targets (issue 6): LoRA step
+machine can do on such products, a ceiling for any implementation. Targets: LoRA step
 >= 1.5x transformers+PEFT on CPU and >= 3x on a GPU; X-Cross n=3 <= 3.0x a LoRA step; >= 25% MFU on an H100.
 """
 

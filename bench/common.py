@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from xcross.config import config_from_dict  # noqa: E402
 from xcross.model import Decoder  # noqa: E402
 from xcross.runtime import keep_freed_memory  # noqa: E402
-from xcross.weights import atomic_write_text  # noqa: E402
+from xcross.files import atomic_write  # noqa: E402
 
 ALLOCATOR_TUNED = keep_freed_memory()  # as train.py and evaluate.py do
 
@@ -83,5 +83,5 @@ def write_result(name: str, result: dict) -> Path:
     """bench/results/<name>.json, atomically, with the date and machine added."""
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **result}
     path = RESULTS / f"{name}.json"
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    atomic_write(path, json.dumps(result, indent=2) + "\n")
     return path

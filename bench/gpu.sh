@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark of issue 6 on a CUDA machine, from a bare checkout: random weights of the Gemma 3 270M shapes, so
+# Every GPU benchmark on a CUDA machine, from a bare checkout: random weights of the Gemma 3 270M shapes, so
 # nothing is downloaded or converted; needs torch with CUDA, transformers and peft (for the reference side).
 #   bash bench/gpu.sh            -> bench/results/*-cuda*.json and the printed ratios
 set -euo pipefail

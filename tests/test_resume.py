@@ -16,12 +16,12 @@ from tests.pipeline_fixtures import (
     common_flags, interrupt_when, latest_checkpoint, make_model_dir, make_world, max_abs_diff, one_thread, read_jsonl,
     run_cli, tensors,
 )
-from xcross.data import PromptBuilder, load_domain
+from xcross.data import CandidateSampler, PromptBuilder, load_domain
 from xcross.lora import LoRAConfig
 from xcross.tokenizer import Tokenizer
 from xcross.training import TrainConfig, TrainingDiverged, fit
 from xcross.weights import load_decoder
-from xcross.xcross import build_model
+from xcross.methods import build_model, trained_tensors
 
 TARGET = "toys"
 # Dropout on, so that resuming must restore the RNG; a checkpoint after every step, so the run can be stopped
@@ -108,7 +108,7 @@ def test_fit_resumes_from_a_checkpoint_exactly(setup, tmp_path):
         return build_model(load_decoder(setup["model"]), "lora", lora=LoRAConfig(rank=4, alpha=8, dropout=0.1))
 
     def train_model(run_dir, m, resume):
-        return fit(m, train, valid, builder, list(domain.items), config, run_dir,
+        return fit(m, train, valid, builder, CandidateSampler(domain), config, run_dir,
                    save_best=lambda path: None, resume=resume, progress=False)
 
     straight = model()
@@ -123,7 +123,7 @@ def test_fit_resumes_from_a_checkpoint_exactly(setup, tmp_path):
     torch.manual_seed(123)  # the global RNG state must come from the checkpoint, not from here
     summary = train_model(tmp_path / "resumed", resumed, resume=True)
     assert summary["steps"] == 6
-    want, got = straight.trained_tensors(), resumed.trained_tensors()
+    want, got = trained_tensors(straight), trained_tensors(resumed)
     assert max_abs_diff(got, want) == 0.0
     assert max_abs_diff(tensors(tmp_path / "resumed" / "ckpt" / "step-00000006" / "trained.safetensors"),
                         tensors(tmp_path / "straight" / "ckpt" / "step-00000006" / "trained.safetensors")) == 0.0
@@ -133,7 +133,7 @@ def test_fit_resumes_from_a_checkpoint_exactly(setup, tmp_path):
     (tmp_path / "no_rng" / "ckpt" / "LATEST").write_text("step-00000004\n")
     no_rng = model()
     train_model(tmp_path / "no_rng", no_rng, resume=True)
-    assert max_abs_diff(no_rng.trained_tensors(), want) > 1e-4
+    assert max_abs_diff(trained_tensors(no_rng), want) > 1e-4
 
 
 def test_non_finite_training_stops_with_the_step_and_updates_nothing(setup, tmp_path):
@@ -146,7 +146,7 @@ def test_non_finite_training_stops_with_the_step_and_updates_nothing(setup, tmp_
     torch.manual_seed(0)
     model = build_model(load_decoder(setup["model"]), "lora", lora=LoRAConfig(rank=4, alpha=8, dropout=0.0))
     with pytest.raises(TrainingDiverged, match=r"non-finite (loss|gradient) at step [1-5] \(epoch 0\)") as err:
-        fit(model, train, domain.valid[:8], builder, list(domain.items), config, tmp_path / "run",
+        fit(model, train, domain.valid[:8], builder, CandidateSampler(domain), config, tmp_path / "run",
             save_best=lambda path: None, progress=False)
     assert str(tmp_path / "run" / "ckpt") in str(err.value)
     assert all(torch.isfinite(p).all() for _, p in model.trainable_parameters())

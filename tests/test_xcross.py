@@ -9,7 +9,9 @@ import torch
 from tests.tiny import TINY_GEMMA, tiny_decoder
 from xcross.data import collate, collate_unpacked, pack
 from xcross.lora import LoRAConfig, lora_layers
-from xcross.xcross import Integrator, XCrossConfig, XCrossModel, build_model
+from xcross.methods import build_model, parameter_report, save_adapter
+from xcross.training import coefficient_stats
+from xcross.xcross import Integrator, XCrossConfig, XCrossModel
 
 LORA = LoRAConfig(rank=4, alpha=8.0, dropout=0.0)
 
@@ -55,7 +57,7 @@ def test_lora_with_zero_B_equals_base():
     ids = torch.randint(1, 100, (2, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = base(ids).hidden_states
-        got = model.streams(ids)[0]
+        got = model.streams(ids).hidden[0]
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
@@ -63,13 +65,13 @@ def test_merged_equals_unmerged():
     model = _lora_model(0, adapter_seed=1)
     ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        unmerged = model.streams(ids)
+        unmerged = model.streams(ids).hidden
         for layer in lora_layers(model.decoder).values():
             layer.merge()
-        merged = model.streams(ids)
+        merged = model.streams(ids).hidden
         for layer in lora_layers(model.decoder).values():
             layer.unmerge()
-        again = model.streams(ids)
+        again = model.streams(ids).hidden
     assert not torch.allclose(unmerged, tiny_decoder(0)(ids).hidden_states[None], atol=1e-3), "adapter must matter"
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
     torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=0)
@@ -104,7 +106,7 @@ def test_lora_matches_peft(tmp_path):
     ids = torch.randint(1, 100, (2, 19), generator=g)
     with torch.no_grad():
         want = peft_model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-        got = ours.streams(ids)[0]
+        got = ours.streams(ids).hidden[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
@@ -113,7 +115,7 @@ def test_save_load_gives_identical_scores(tmp_path):
     _randomise_head(model, 2)
     model.set_trainable({"adapters", "head"})
     path = tmp_path / "toys.safetensors"
-    model.save_adapter(path, {"domain": "toys"})
+    save_adapter(model, path, {"domain": "toys"})
     loaded = build_model(tiny_decoder(0), "source", [path])
     batch = _random_batch(0)
     with torch.no_grad():
@@ -130,12 +132,12 @@ def test_save_load_gives_identical_scores(tmp_path):
 )
 def test_mismatched_adapter_fails_with_message(tmp_path, change, message):
     good = _lora_model(0, adapter_seed=1)
-    good.save_adapter(tmp_path / "good.safetensors")
+    save_adapter(good, tmp_path / "good.safetensors")
     if "lora" in change:
         other = XCrossModel(tiny_decoder(0), 1, change["lora"])
     else:
         other = XCrossModel(tiny_decoder(0, **change), 1, LORA)
-    other.save_adapter(tmp_path / "bad.safetensors")
+    save_adapter(other, tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match=message):
         build_model(tiny_decoder(0), "xcross", [tmp_path / "good.safetensors", tmp_path / "bad.safetensors"])
 
@@ -152,7 +154,7 @@ def test_integrator_matches_brute_force_formula():
         integ.weight.copy_(torch.randn(integ.weight.shape, generator=g))
         integ.bias.copy_(torch.randn(integ.bias.shape, generator=g))
     h = torch.randn(n, B, T, d, generator=g) * 5
-    got = integ(h)
+    got, _ = integ(h)
     want = torch.empty_like(h)
     for b in range(B):
         for t in range(T):
@@ -184,9 +186,9 @@ def test_zero_initialised_xcross_reproduces_each_source(mix_at):
                 layer.lora_B[m].copy_(single.lora_B[0])
     batch = _random_batch(1)
     with torch.no_grad():
-        got = xc.streams(batch.input_ids, batch.attention_mask, batch.position_ids)
+        got = xc.streams(batch.input_ids, batch.attention_mask, batch.position_ids).hidden
         for m in range(n):
-            want = singles[m].streams(batch.input_ids, batch.attention_mask, batch.position_ids)[0]
+            want = singles[m].streams(batch.input_ids, batch.attention_mask, batch.position_ids).hidden[0]
             torch.testing.assert_close(got[m], want, atol=1e-5, rtol=0)
     assert not torch.allclose(got[0], got[1], atol=1e-3), "different adapters must give different streams"
 
@@ -223,7 +225,7 @@ def test_sublayer_mixing_matches_a_hand_written_forward():
     _randomise_integrators(xc.attention_integrators, 2)
     batch = _random_batch(5)
     with torch.no_grad():
-        got = xc.streams(batch.input_ids, batch.attention_mask, batch.position_ids)
+        got = xc.streams(batch.input_ids, batch.attention_mask, batch.position_ids).hidden
         inputs = singles[0].decoder.attention_inputs(batch.input_ids, batch.attention_mask, batch.position_ids)
         h = [s.decoder.embed(batch.input_ids)[None] for s in singles]  # each (1, B, T, d)
         for i in range(len(singles[0].decoder.model.layers)):
@@ -231,9 +233,9 @@ def test_sublayer_mixing_matches_a_hand_written_forward():
             rope, mask = inputs.rope[blocks[0].layer_type], inputs.masks[blocks[0].layer_type]
             h = [x + b.post_attention_layernorm(b.self_attn(b.input_layernorm(x), rope, mask))
                  for b, x in zip(blocks, h)]
-            h = list(xc.attention_integrators[i](torch.cat(h)).split(1))
+            h = list(xc.attention_integrators[i](torch.cat(h))[0].split(1))
             h = [x + b.post_feedforward_layernorm(b.mlp(b.pre_feedforward_layernorm(x))) for b, x in zip(blocks, h)]
-            h = list(xc.integrators[i](torch.cat(h)).split(1))
+            h = list(xc.integrators[i](torch.cat(h))[0].split(1))
         want = singles[0].decoder.model.norm(torch.cat(h))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
@@ -247,10 +249,10 @@ def test_sublayer_mixing_with_zero_attention_integrators_equals_block_mixing():
     _randomise_integrators(sublayer.integrators, 4)
     batch = _random_batch(6)
     with torch.no_grad():
-        want = block.streams(batch.input_ids, batch.attention_mask, batch.position_ids)
-        got = sublayer.streams(batch.input_ids, batch.attention_mask, batch.position_ids)
+        want = block.streams(batch.input_ids, batch.attention_mask, batch.position_ids).hidden
+        got = sublayer.streams(batch.input_ids, batch.attention_mask, batch.position_ids).hidden
         _randomise_integrators(sublayer.attention_integrators, 5)
-        mixed = sublayer.streams(batch.input_ids, batch.attention_mask, batch.position_ids)
+        mixed = sublayer.streams(batch.input_ids, batch.attention_mask, batch.position_ids).hidden
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert not torch.allclose(mixed, want, atol=1e-3), "the attention integrators must act once non-zero"
 
@@ -258,7 +260,7 @@ def test_sublayer_mixing_with_zero_attention_integrators_equals_block_mixing():
 def test_one_stream_xcross_equals_lora_model(tmp_path):
     lora = _lora_model(0, adapter_seed=1)
     _randomise_head(lora, 2)
-    lora.save_adapter(tmp_path / "a.safetensors")
+    save_adapter(lora, tmp_path / "a.safetensors")
     xc = build_model(tiny_decoder(0), "xcross", [tmp_path / "a.safetensors"])
     batch = _random_batch(2)
     with torch.no_grad():
@@ -272,7 +274,7 @@ def test_xcross_step_changes_only_integrators_w_and_head(tmp_path, mix_at):
         src = _lora_model(0, adapter_seed=20 + m)
         _randomise_head(src, 30 + m)
         paths.append(tmp_path / f"s{m}.safetensors")
-        src.save_adapter(paths[-1])
+        save_adapter(src, paths[-1])
     model = build_model(tiny_decoder(0), "xcross", paths, config=XCrossConfig(mix_at=mix_at))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-2)
@@ -302,7 +304,7 @@ def test_head_starts_as_average_of_source_heads(tmp_path):
         _randomise_head(src, 40 + m)
         heads.append({k: v.clone() for k, v in src.head.state_dict().items()})
         paths.append(tmp_path / f"s{m}.safetensors")
-        src.save_adapter(paths[-1])
+        save_adapter(src, paths[-1])
     model = build_model(tiny_decoder(0), "xcross", paths)
     for key, value in model.head.state_dict().items():
         torch.testing.assert_close(value, sum(h[key] for h in heads) / 3)
@@ -314,7 +316,7 @@ def test_fresh_head_scores_every_candidate_equally(tmp_path):
         src = _lora_model(0, adapter_seed=m)
         _randomise_head(src, 60 + m)
         paths.append(tmp_path / f"s{m}.safetensors")
-        src.save_adapter(paths[-1])
+        save_adapter(src, paths[-1])
     batch = _random_batch(4)
     with torch.no_grad():
         averaged = build_model(tiny_decoder(0), "xcross", paths).score(batch)
@@ -331,7 +333,7 @@ def test_merge_adapter_is_the_mean_of_source_deltas(tmp_path):
         src = _lora_model(0, adapter_seed=50 + m)
         deltas.append({n: l.delta_weight() for n, l in lora_layers(src.decoder).items()})
         paths.append(tmp_path / f"s{m}.safetensors")
-        src.save_adapter(paths[-1])
+        save_adapter(src, paths[-1])
     merged = build_model(tiny_decoder(0), "merge", paths)
     for name, layer in lora_layers(merged.decoder).items():
         torch.testing.assert_close(layer.delta_weight(), (deltas[0][name] + deltas[1][name]) / 2, atol=1e-6, rtol=0)
@@ -341,7 +343,7 @@ def test_merge_adapter_is_the_mean_of_source_deltas(tmp_path):
 def test_parameter_report_counts(mix_at, points_per_block):
     model = XCrossModel(tiny_decoder(0), 3, LORA, XCrossConfig(mix_at=mix_at))
     model.set_trainable({"integrators", "stream_weights", "head"})
-    report = model.parameter_report()
+    report = parameter_report(model)
     c = TINY_GEMMA
     d, L, n = c["hidden_size"], c["num_hidden_layers"], 3
     integrators = points_per_block * L * (2 * n * (n - 1) * (n * d + 1))
@@ -384,7 +386,7 @@ def test_packed_scores_equal_separate_sequences(seed):
 def test_compiled_regions_match_eager():
     """`compile_regions` (train.py --compile) changes neither scores nor gradients, over batches of two shapes
     (packed lengths differ from batch to batch in training), and keeps the parameter names. The coefficients the
-    training forward collects for the log (`score(batch, stats)`, eager and compiled) equal a separate forward's."""
+    training forward returns for the log (`model(batch).coefficients`, eager and compiled) equal a separate forward's."""
     eager = XCrossModel(tiny_decoder(0), 2, LORA, XCrossConfig(mix_at="sublayer"))
     _randomise_model(eager, 1)
     compiled = copy.deepcopy(eager)
@@ -397,13 +399,13 @@ def test_compiled_regions_match_eager():
         batch = _random_batch(seed, prefix=prefix)
         labels = torch.tensor([1, 0])
         grads, logged = [], []
-        separate = eager.coefficient_stats(batch)  # its own no-grad forward
+        with torch.no_grad():
+            separate = coefficient_stats(batch, eager(batch).coefficients)  # its own no-grad forward
         for model in (eager, compiled):
-            stats = {}
-            scores = model.score(batch, stats)
+            scores, stats = model(batch)
             torch.nn.functional.cross_entropy(scores, labels).backward()
             grads.append((scores.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}))
-            logged.append(model.coefficient_stats(batch, stats))
+            logged.append(coefficient_stats(batch, stats))
             model.zero_grad(set_to_none=True)
         assert len(separate) == eager.decoder.config.num_hidden_layers and "attention" in separate[0]
         for record in logged:

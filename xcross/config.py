@@ -228,10 +228,10 @@ def config_from_dict(raw: dict) -> ModelConfig:
 
 def load_config(model_dir: str | Path) -> ModelConfig:
     """Read `<model_dir>/config.json` into the matching family config."""
-    path = Path(model_dir) / "config.json"
+    path = Path(model_dir).expanduser() / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: a model directory needs config.json, *.safetensors and tokenizer.json "
-            "(for the default Gemma 3 270M run `python -m data_prep.gemma`)"
+            "(for the default Gemma 3 270M run `xcross-prepare gemma`)"
         )
     return config_from_dict(json.loads(path.read_text()))

@@ -17,7 +17,7 @@ from torch import Tensor
 from .model import PAD_SEGMENT
 
 
-# -- processed domains (DESIGN.md §5) --------------------------------------------------------------------------------
+# -- processed domains -----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -37,10 +37,6 @@ class Domain:
     test: list[Example]
     meta: dict = field(default_factory=dict)
 
-    @property
-    def item_ids(self) -> list[str]:
-        return list(self.items)
-
 
 def _read_jsonl(path: Path) -> list[dict]:
     with path.open(encoding="utf-8") as f:
@@ -53,7 +49,7 @@ def load_domain(path: str | Path) -> Domain:
     needed = ["items.jsonl", "train.jsonl", "valid.jsonl", "test.jsonl"]
     missing = [n for n in needed if not (path / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"{path} is not a processed domain (missing {missing}); build it with data_prep")
+        raise FileNotFoundError(f"{path} is not a processed domain (missing {missing}); build it with xcross-prepare")
     items = {r["item_id"]: r["title"] for r in _read_jsonl(path / "items.jsonl")}
     splits = {}
     for split in ("train", "valid", "test"):
@@ -63,24 +59,57 @@ def load_domain(path: str | Path) -> Domain:
     return Domain(path.name, items, splits["train"], splits["valid"], splits["test"], meta)
 
 
-def sample_candidates(example: Example, item_ids: np.ndarray, num: int, rng: np.random.Generator) -> tuple[list[str], int]:
-    """The target plus `num − 1` distinct negatives drawn uniformly from items outside the user's sequence,
-    in random order. Returns (candidates, index of the target)."""
-    seen = set(example.history) | {example.target}
-    if len(item_ids) - len(seen) < num - 1:
-        raise ValueError(f"domain has too few items outside user {example.user_id}'s sequence for {num} candidates")
-    negatives: list[str] = []
-    chosen = set()
-    while len(negatives) < num - 1:
-        for item in item_ids[rng.integers(0, len(item_ids), size=2 * num)]:
-            if item not in seen and item not in chosen:
-                negatives.append(item)
-                chosen.add(item)
-                if len(negatives) == num - 1:
-                    break
-    label = int(rng.integers(0, num))
-    negatives.insert(label, example.target)
-    return negatives, label
+class TooFewItems(ValueError):
+    """A user's known sequence leaves fewer items of the domain than the negatives asked for."""
+
+
+def sample_candidates(rng: np.random.Generator, num_items: int, exclude: np.ndarray, target: int, c: int) -> list[int]:
+    """The one negative sampler, for stored validation/test candidates and training negatives alike: the target
+    and `c − 1` item indices drawn uniformly without replacement from outside `exclude` (the user's whole known
+    sequence), shuffled."""
+    need = c - 1
+    pool = num_items - len(exclude)
+    if pool < need:
+        raise TooFewItems(f"a user has {len(exclude)} of the domain's {num_items} items, leaving {pool} negatives "
+                          f"for {need} needed; lower --num-candidates")
+    if pool < 4 * need:  # rejection would spin; draw from the explicit complement
+        negatives = rng.choice(np.setdiff1d(np.arange(num_items), exclude), size=need, replace=False).tolist()
+    else:  # iid draws with rejection of seen and repeated items is uniform sampling without replacement
+        excluded = set(exclude.tolist())
+        negatives = []
+        while len(negatives) < need:
+            for item in rng.integers(num_items, size=2 * need).tolist():
+                if item not in excluded:
+                    excluded.add(item)
+                    negatives.append(item)
+                    if len(negatives) == need:
+                        break
+    candidates = negatives + [target]
+    return [candidates[j] for j in rng.permutation(c).tolist()]
+
+
+class CandidateSampler:
+    """Training candidates of a domain: the target and negatives from outside everything the processed domain
+    knows of the user (every split's histories and targets), so a user's later purchases, their validation and
+    test targets included, are never drawn as negatives."""
+
+    def __init__(self, domain: "Domain"):
+        self.item_ids = list(domain.items)
+        index = {item: i for i, item in enumerate(self.item_ids)}
+        known: dict[str, set[int]] = {}
+        for e in (*domain.train, *domain.valid, *domain.test):
+            known.setdefault(e.user_id, set()).update(index[i] for i in (*e.history, e.target))
+        self.index = index
+        self.known = {u: np.array(sorted(s), dtype=np.int64) for u, s in known.items()}
+
+    def sample(self, example: Example, c: int, rng: np.random.Generator) -> tuple[list[str], int]:
+        """(candidates, index of the target among them)."""
+        exclude = self.known.get(example.user_id)
+        if exclude is None:  # an example from outside the domain's splits: its own sequence is what is known
+            exclude = np.array(sorted({self.index[i] for i in (*example.history, example.target)}), dtype=np.int64)
+        target = self.index[example.target]
+        drawn = sample_candidates(rng, len(self.item_ids), exclude, target, c)
+        return [self.item_ids[i] for i in drawn], drawn.index(target)
 
 
 # -- prompts ---------------------------------------------------------------------------------------------------------

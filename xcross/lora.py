@@ -78,14 +78,16 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Fold the adapter into a new weight tensor; the base weight, which other models may share, is kept."""
         if not self.merged:
-            self.weight += self.delta_weight().to(self.weight.dtype)
+            self._base_weight = (self.weight,)  # a tuple, so that it is not registered as a parameter
+            self.weight = nn.Parameter(self.weight + self.delta_weight().to(self.weight.dtype), requires_grad=False)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.weight -= self.delta_weight().to(self.weight.dtype)
+            self.weight, = self._base_weight
             self.merged = False
 
     def extra_repr(self) -> str:
@@ -118,31 +120,6 @@ def adapter_tensors(module: nn.Module, stream: int = 0) -> dict[str, Tensor]:
         out[f"{name}.lora_A"] = layer.lora_A[stream]
         out[f"{name}.lora_B"] = layer.lora_B[stream]
     return out
-
-
-def check_adapter(tensors: dict[str, Tensor], config: LoRAConfig, module: nn.Module, expected: LoRAConfig,
-                  source: str) -> None:
-    """Fail with a message that names what differs between an adapter file and the model's LoRA layers."""
-    if config.rank != expected.rank:
-        raise ValueError(f"{source}: adapter rank {config.rank} != expected rank {expected.rank}")
-    if set(config.targets) != set(expected.targets):
-        raise ValueError(f"{source}: adapter targets {sorted(config.targets)} != expected {sorted(expected.targets)}")
-    if config.alpha != expected.alpha:
-        raise ValueError(f"{source}: adapter alpha {config.alpha} != expected alpha {expected.alpha}")
-    layers = lora_layers(module)
-    want = {f"{n}.lora_{p}" for n in layers for p in "AB"}
-    got = {k for k in tensors if ".lora_" in k}
-    if want != got:
-        missing, extra = sorted(want - got), sorted(got - want)
-        raise ValueError(f"{source}: adapter layers differ from the model: missing {missing[:3]}, extra {extra[:3]}")
-    for name, layer in layers.items():
-        for part, shape in (("A", (config.rank, layer.in_features)), ("B", (layer.out_features, config.rank))):
-            t = tensors[f"{name}.lora_{part}"]
-            if tuple(t.shape) != shape:
-                raise ValueError(
-                    f"{source}: {name}.lora_{part} has shape {tuple(t.shape)} but the model needs {shape} "
-                    "(was the adapter trained on another base model?)"
-                )
 
 
 @torch.no_grad()

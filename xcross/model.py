@@ -359,17 +359,10 @@ class Decoder(nn.Module):
             out[t] = m[:, None].repeat(n_streams, 1, 1, 1)  # (n·B, 1, T, T_k)
         return AttentionInputs(rope, out)
 
-    def blocks(self, x: Tensor, inputs: AttentionInputs, mixers=None, cache: KVCache | None = None,
-               attention_mixers=None) -> Tensor:
-        """Run all blocks on `(n, B, T, d)` streams; `mixers[l]` (if given) mixes the streams after block l,
-        `attention_mixers[l]` after block l's attention sub-layer (its residual sum, before the MLP)."""
-        for i, block in enumerate(self.model.layers):
-            x = block.attend(x, inputs.rope[block.layer_type], inputs.masks[block.layer_type], cache)
-            if attention_mixers is not None:
-                x = attention_mixers[i](x)
-            x = block.feed_forward(x)
-            if mixers is not None:
-                x = mixers[i](x)
+    def blocks(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None = None) -> Tensor:
+        """Run all blocks on `(n, B, T, d)` streams (n = 1 for the plain LM) and the final norm."""
+        for block in self.model.layers:
+            x = block(x, inputs.rope[block.layer_type], inputs.masks[block.layer_type], cache)
         return self.model.norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -38,7 +38,7 @@ class Tokenizer:
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: a model directory needs a tokenizer.json "
-                                    "(for the default Gemma 3 270M, run `python -m data_prep.gemma`)")
+                                    "(for the default Gemma 3 270M, run `xcross-prepare gemma`)")
         backend = tokenizers.Tokenizer.from_file(str(path))
         configs = [_read_json(model_dir / name) for name in CONFIG_FILES]
         return cls(backend, **{f"{kind}_id": _special_id(kind, configs, backend) for kind in SPECIAL})

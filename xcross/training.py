@@ -6,23 +6,26 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm import tqdm
 
-from .data import Example, PromptBuilder, collate, pack, sample_candidates
+from .data import Batch, CandidateSampler, Example, PromptBuilder, collate, pack
+from .distributed import all_reduce_grads, barrier, dist_info, reduce
 from .metrics import per_user_metrics, summarise
-from .weights import atomic_write_text, load_tensors, save_tensors
-from .xcross import CHECKPOINT_FORMAT, XCrossModel, base_signature
+from .files import atomic_write, replace_path
+from .methods import CHECKPOINT_FORMAT, load_trained, trained_tensors
+from .weights import load_tensors, save_tensors
+from .xcross import XCrossModel
 
 SELECTION_METRIC = "mrr"
 SCHEDULES = ("linear", "constant")
@@ -57,38 +60,6 @@ class TrainingDiverged(RuntimeError):
     """The loss or a gradient became NaN/inf; the message names the step."""
 
 
-# -- distributed helpers ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info() -> DistInfo:
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return DistInfo()
-
-
-def init_distributed(device: str) -> DistInfo:
-    """Join the torchrun process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist_info()
-
-
-def _barrier() -> None:
-    if dist_info().world > 1:
-        dist.barrier()
-
-
 # -- data ------------------------------------------------------------------------------------------------------------
 
 
@@ -117,14 +88,14 @@ def length_multiple(device) -> int:
 
 
 def training_batch(examples: list[Example], indices: np.ndarray, epoch: int, builder: PromptBuilder,
-                   item_ids: np.ndarray, num_candidates: int, seed: int, pad_id: int, multiple: int = 1):
+                   sampler: CandidateSampler, num_candidates: int, seed: int, pad_id: int, multiple: int = 1):
     """Packed batch of the given examples with negatives drawn for (seed, epoch, example): independent of batching,
     process count and resumption."""
     packed, labels = [], []
     for i in indices:
         ex = examples[i]
         rng = np.random.default_rng([seed, 3, epoch, int(i)])
-        cands, label = sample_candidates(ex, item_ids, num_candidates, rng)
+        cands, label = sampler.sample(ex, num_candidates, rng)
         packed.append(pack(builder.prefix(ex.history), [builder.candidate(c) for c in cands]))
         labels.append(label)
     return collate(packed, pad_id, labels, multiple)
@@ -143,9 +114,11 @@ class EvalResult:
         return summarise(per_user_metrics(self.scores, self.labels), bootstrap, seed)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, scores=self.scores, labels=self.labels, user_ids=np.array(self.user_ids))
-        os.replace(tmp, path)
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a path
+                np.savez(f, scores=self.scores, labels=self.labels, user_ids=np.array(self.user_ids))
+
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: Path) -> EvalResult:
@@ -183,6 +156,29 @@ def evaluate(model: XCrossModel, examples: list[Example], builder: PromptBuilder
         scores = full
     labels = np.array([e.candidates.index(e.target) for e in examples])
     return EvalResult(scores, labels, [e.user_id for e in examples])
+
+
+@torch.no_grad()
+def coefficient_stats(batch: Batch, coefficients: dict[str, list[Tensor]]) -> list[dict]:
+    """Per block: mean and max |z¹|, |z²| over the batch's real tokens, for the training log; with mixing after
+    the attention sub-layers too, that integrator's figures under "attention". Under torchrun the figures cover
+    every process's share of the batch (one reduction), so every process must call it."""
+    valid = batch.token_mask()  # (B, T)
+    points = coefficients["block"] + coefficients["attention"]
+    pairs = points[0].shape[-1] // 2
+    sums, maxes = [], []  # per mixing point: (Σ|z¹|, Σ|z²|, entries of each) and (max |z¹|, max |z²|)
+    for z in points:
+        z = z[valid].abs().float()
+        z1, z2 = z[:, :pairs], z[:, pairs:]
+        sums.append(torch.stack([z1.sum(), z2.sum(), z1.new_tensor(z1.numel())]))
+        maxes.append(torch.stack([z1.max(), z2.max()]))
+    sums, maxes = reduce(torch.stack(sums)), reduce(torch.stack(maxes), op="max")
+    rows = [{"z1_mean": s1 / n, "z1_max": m1, "z2_mean": s2 / n, "z2_max": m2}
+            for (s1, s2, n), (m1, m2) in zip(sums.tolist(), maxes.tolist())]
+    out, attention = rows[:len(coefficients["block"])], rows[len(coefficients["block"]):]
+    for record, extra in zip(out, attention):
+        record["attention"] = extra
+    return out
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------------------
@@ -237,23 +233,22 @@ class Checkpoints:
         if info.main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_tensors(tmp / "trained.safetensors", model.trained_tensors(), {"format": CHECKPOINT_FORMAT})
+            save_tensors(tmp / "trained.safetensors", trained_tensors(model), {"format": CHECKPOINT_FORMAT})
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "progress": asdict(progress)}, tmp / "state.pt")
-        _barrier()
+        barrier()
         torch.save(rng, tmp / f"rng-{info.rank}.pt")  # every process keeps its own dropout stream
-        _barrier()
+        barrier()
         if info.main:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            atomic_write_text(self.root / "LATEST", name + "\n")
+            replace_path(tmp, final)  # a checkpoint of the same step is replaced, never deleted first
+            atomic_write(self.root / "LATEST", name + "\n")
             for old in sorted(p for p in self.root.glob("step-*") if p.is_dir())[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+        barrier()
 
     def load(self, path: Path, model: XCrossModel, optimizer, scheduler, device) -> tuple[Progress, dict | None]:
         tensors, _ = load_tensors(path / "trained.safetensors", device)
-        model.load_trained(tensors)
+        load_trained(model, tensors)
         state = torch.load(path / "state.pt", map_location=device, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -311,19 +306,7 @@ def _graceful_stop():
             signal.signal(sig, h)
 
 
-def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum gradients over processes in one flat buffer (the loss is already divided by the global batch)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p)
-        offset += n
-
-
-def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder: PromptBuilder, item_ids: list[str],
+def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder: PromptBuilder, sampler: CandidateSampler,
         config: TrainConfig, run_dir: str | Path, save_best, resume: bool = False, device="cpu",
         progress: bool = True) -> dict:
     """Train `model`'s trainable groups on `train`, validating on `valid`; `save_best(path)` writes the best
@@ -335,7 +318,6 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
         raise ValueError("no training examples")
     if config.batch_size % info.world:
         raise ValueError(f"batch size {config.batch_size} must be a multiple of the process count {info.world}")
-    items = np.array(item_ids)
     pad = builder.tokenizer.pad_id or 0
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -379,7 +361,7 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
             state.best_metric, state.best_step = value, state.step
             if info.main:
                 save_best(run_dir / "best.safetensors")
-        _barrier()
+        barrier()
 
     model.train()
     start_time, start_step = time.perf_counter(), state.step
@@ -395,21 +377,18 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
                 b = state.batch_in_epoch
                 global_idx = order[b * config.batch_size:(b + 1) * config.batch_size]
                 mine = global_idx[info.rank::info.world]
-                batch = training_batch(train, mine, state.epoch, builder, items, config.train_candidates,
+                batch = training_batch(train, mine, state.epoch, builder, sampler, config.train_candidates,
                                        config.seed, pad, length_multiple(device)).to(device)
                 logged = (state.step + 1) % config.log_every == 0 or state.step + 1 == total
-                # On logged steps the forward also keeps the integrators' coefficients for the log (no second pass).
-                stats = {} if logged and model.integrators is not None else None
-                scores = model.score(batch, stats)
+                scores, coefficients = model(batch)
                 # Sum over this process's examples / global batch size: summed over processes, the mean loss.
                 loss = F.cross_entropy(scores, batch.labels, reduction="sum") / len(global_idx)
                 loss.backward()
                 if info.world > 1:
-                    _all_reduce_grads(params)
+                    all_reduce_grads(params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 loss_value = loss.detach()
-                if info.world > 1:
-                    dist.all_reduce(loss_value)
+                reduce(loss_value)
                 if not bool(torch.isfinite(loss_value) & torch.isfinite(grad_norm)):  # the step's one host sync
                     raise TrainingDiverged(
                         f"non-finite {'loss' if not torch.isfinite(loss_value) else 'gradient'} at step {state.step} "
@@ -428,8 +407,8 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
                     record = {"step": state.step, "epoch": state.epoch, "loss": loss_value.item(),
                               "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr(),
                               "examples_per_s": rate}
-                    if stats is not None:
-                        record["integrators"] = model.coefficient_stats(batch, stats)
+                    if coefficients["block"]:  # the step's own coefficients: no second forward
+                        record["integrators"] = coefficient_stats(batch, coefficients)
                     log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", ex_s=f"{rate:.1f}")
                 if config.eval_every and state.step % config.eval_every == 0:

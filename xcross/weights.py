@@ -6,8 +6,6 @@ Loading is a strict `load_state_dict` onto a model built on the meta device; sav
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -15,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import load_config
+from .files import atomic_write
 from .model import Decoder
 
 
@@ -32,7 +31,7 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(
-            f"no *.safetensors in {model_dir}; for the default Gemma 3 270M run `python -m data_prep.gemma`"
+            f"no *.safetensors in {model_dir}; for the default Gemma 3 270M run `xcross-prepare gemma`"
         )
     return files
 
@@ -50,6 +49,7 @@ def read_safetensors(path: str | Path, device="cpu", dtype: torch.dtype | None =
 
 def load_decoder(model_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> Decoder:
     """Build the decoder of `model_dir/config.json` on the meta device and load its weights strictly."""
+    model_dir = Path(model_dir).expanduser()
     config = load_config(model_dir)
     with torch.device("meta"):
         model = Decoder(config)
@@ -74,29 +74,11 @@ def load_decoder(model_dir: str | Path, device="cpu", dtype: torch.dtype = torch
     return model.eval().requires_grad_(False)
 
 
-def atomic_write_bytes(path: str | Path, write) -> None:
-    """Call `write(tmp_path)`, then rename the temp file onto `path`, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """Save tensors as safetensors with `config` as JSON metadata under the key "config", atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = {"format": "pt", "config": json.dumps(config, sort_keys=True)}
-    atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_tensors(path: str | Path, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:

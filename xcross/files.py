@@ -1,0 +1,84 @@
+"""Writing files and directories so that a reader never sees half of one: build beside the destination under a
+temporary name, then rename into place. Every writer of the project goes through these two helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]) -> Path:
+    """Write `content` (text, bytes, or a function that writes the file at the path it is given) to a temporary
+    file beside `path`, then rename it onto `path`. The file gets the mode a plain `open(path, "w")` would give
+    (0666 less the umask), not mkstemp's private 0600: results are read by other users of a shared machine."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content, encoding="utf-8")
+        elif isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            content(tmp)
+        tmp.chmod(0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def replace_path(src: Path, dest: Path) -> None:
+    """Move `src` to `dest`, replacing what is there with two renames, so `dest` is never half written."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.rename(dest, old)
+        try:
+            os.rename(src, dest)
+        except BaseException:
+            os.rename(old, dest)  # put the old one back
+            raise
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.rename(src, dest)
+
+
+@contextmanager
+def atomic_directory(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `dest` that replaces `dest` on success; on failure nothing is left
+    behind, not even the parent directories this call created."""
+    dest = Path(dest)
+    created = []
+    parent = dest.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    if tmp.exists():  # left by a killed run with the same pid
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for directory in created:  # deepest first
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        raise
+    replace_path(tmp, dest)
