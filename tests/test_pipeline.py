@@ -18,12 +18,13 @@ from tests.pipeline_fixtures import (
 )
 from xcross.config import load_config
 from xcross.data import PromptBuilder, load_domain
-from xcross.experiment import RunSpec, eval_examples, popularity_scores
+from xcross.experiment import eval_examples, popularity_scores
+from xcross.settings import RunConfig
 from xcross.metrics import METRICS
 from xcross.tokenizer import Tokenizer
 from xcross.training import evaluate
 from xcross.weights import load_decoder, load_tensors
-from xcross.xcross import ADAPTER_FORMAT, CHECKPOINT_FORMAT, build_model
+from xcross.methods import ADAPTER_FORMAT, CHECKPOINT_FORMAT, build_model, load_trained
 
 TARGET = "toys"
 SOURCES = ["sports", "tools"]  # the world's other domains, the default sources
@@ -171,12 +172,13 @@ def test_xcross_run_directory(setup, xcross_run):
 
     # The resolved config round-trips and holds what the flags asked for.
     saved = json.loads((run_dir / "config.json").read_text())
-    spec = RunSpec.from_dict(saved)
+    spec = RunConfig.from_dict(saved)
     assert spec.to_dict() == saved
-    assert (spec.target, spec.method, spec.sources) == (TARGET, "xcross", SOURCES)
-    assert (spec.history_len, spec.title_tokens, spec.max_train_users, spec.max_eval_users) == (3, 8, 24, 24)
+    assert (spec.target, spec.method, list(spec.sources)) == (TARGET, "xcross", SOURCES)
+    assert (spec.data.history_len, spec.data.title_tokens, spec.data.max_train_users, spec.data.max_eval_users) == \
+        (3, 8, 24, 24)
     assert (spec.train.batch_size, spec.train.epochs, spec.train.train_candidates) == (8, 1, 4)
-    assert (spec.device, spec.dtype) == ("cpu", "float32")
+    assert (spec.model.device, spec.model.dtype) == ("cpu", "float32")
 
     # 24 users with one example each (the cpu preset's max_examples_per_user) in batches of 8: 3 steps.
     assert results["training"]["train_examples"] == 24
@@ -192,7 +194,7 @@ def test_xcross_outputs_reproduce(setup, xcross_run):
     """test_scores.npz holds the stored candidates' order and is what best.safetensors scores; results.json's
     metrics are those of the scores (recomputed by hand)."""
     run_dir = setup["root"] / "runs" / TARGET / "xcross"
-    spec = RunSpec.from_dict(json.loads((run_dir / "config.json").read_text()))
+    spec = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     results = json.loads((run_dir / "results.json").read_text())
     saved = np.load(run_dir / "test_scores.npz")
     scores, labels, users = saved["scores"], saved["labels"], [str(u) for u in saved["user_ids"]]
@@ -216,11 +218,12 @@ def test_xcross_outputs_reproduce(setup, xcross_run):
     assert {k: tuple(v.shape) for k, v in best.items()} == want
 
     model = build_model(load_decoder(setup["model"]), "xcross", config["adapters"])
-    model.load_trained(best)
+    load_trained(model, best)
     domain = load_domain(setup["world"] / TARGET)
     test = eval_examples(domain, "test", spec)
     assert [e.user_id for e in test] == users
-    builder = PromptBuilder(Tokenizer.from_dir(setup["model"]), domain.items, spec.title_tokens, spec.history_len)
+    builder = PromptBuilder(Tokenizer.from_dir(setup["model"]), domain.items, spec.data.title_tokens,
+                            spec.data.history_len)
     again = evaluate(model, test, builder, batch_size=8, progress=False)
     np.testing.assert_allclose(again.scores, scores, atol=1e-5, rtol=0)
 
@@ -378,16 +381,17 @@ def random_metrics(c: int) -> dict[str, float]:
 def validation_comparison(setup, run_dir: Path) -> dict[str, dict[str, float]]:
     """Validation metrics of the run's final weights (no model selection), of popularity and of random, all on every
     validation user of the target, computed here."""
-    spec = RunSpec.from_dict(json.loads((run_dir / "config.json").read_text()))
+    spec = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     domain = load_domain(setup["world"] / TARGET)
     valid = eval_examples(domain, "valid", spec)
     assert len(valid) == len(domain.valid) > 80
     final = tensors(latest_checkpoint(run_dir) / "trained.safetensors")
     adapters = [Path(spec.out) / s / "lora" / "best.safetensors" for s in spec.sources] if spec.method == "xcross" \
         else []
-    model = build_model(load_decoder(setup["model"]), spec.method, adapters, lora=spec.lora)
-    model.load_trained(final)
-    builder = PromptBuilder(Tokenizer.from_dir(setup["model"]), domain.items, spec.title_tokens, spec.history_len)
+    model = build_model(load_decoder(setup["model"]), spec.method, adapters, lora=spec.model.lora)
+    load_trained(model, final)
+    builder = PromptBuilder(Tokenizer.from_dir(setup["model"]), domain.items, spec.data.title_tokens,
+                            spec.data.history_len)
     scores = evaluate(model, valid, builder, batch_size=16, progress=False).scores
     labels = np.array([e.candidates.index(e.target) for e in valid])
     popularity = popularity_scores(domain, valid)

@@ -2,19 +2,24 @@
 decoder, mixed block by block by small learned integrators, for sequential recommendation in a new domain."""
 
 from .config import Gemma3Config, LlamaConfig, load_config
-from .data import Batch, Domain, Example, PromptBuilder, PromptTemplate, collate, collate_unpacked, load_domain, pack
+from .data import (Batch, CandidateSampler, Domain, Example, PromptBuilder, PromptTemplate, collate,
+                   collate_unpacked, load_domain, pack)
 from .lora import LoRAConfig, LoRALinear
+from .methods import build_model, load_trained, parameter_report, read_adapter, save_adapter, trained_tensors
 from .metrics import per_user_metrics, rank_metrics
 from .model import Decoder
 from .runtime import keep_freed_memory
+from .settings import DataConfig, ModelConfig, RunConfig
 from .tokenizer import Tokenizer
 from .training import EvalResult, TrainConfig, evaluate, fit
-from .weights import load_decoder
-from .xcross import Integrator, ScoringHead, XCrossConfig, XCrossModel, build_model
+from .weights import load_decoder, load_tensors, save_tensors
+from .xcross import Integrator, ScoringHead, XCrossConfig, XCrossModel
 
 __all__ = [
-    "Batch", "Decoder", "Domain", "EvalResult", "Example", "Gemma3Config", "Integrator", "LlamaConfig", "LoRAConfig",
-    "LoRALinear", "PromptBuilder", "PromptTemplate", "ScoringHead", "Tokenizer", "TrainConfig", "XCrossConfig",
-    "XCrossModel", "build_model", "collate", "collate_unpacked", "evaluate", "fit", "keep_freed_memory", "load_config",
-    "load_decoder", "load_domain", "pack", "per_user_metrics", "rank_metrics",
+    "Batch", "CandidateSampler", "DataConfig", "Decoder", "Domain", "EvalResult", "Example", "Gemma3Config",
+    "Integrator", "LlamaConfig", "LoRAConfig", "LoRALinear", "ModelConfig", "PromptBuilder", "PromptTemplate",
+    "RunConfig", "ScoringHead", "Tokenizer", "TrainConfig", "XCrossConfig", "XCrossModel", "build_model", "collate",
+    "collate_unpacked", "evaluate", "fit", "keep_freed_memory", "load_config", "load_decoder", "load_domain",
+    "load_tensors", "load_trained", "pack", "parameter_report", "per_user_metrics", "rank_metrics", "read_adapter",
+    "save_adapter", "save_tensors", "trained_tensors",
 ]

@@ -9,23 +9,25 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from train import SPEC_FLAGS, TRAIN_FLAGS, spec_from_args
-from train import build_parser as train_parser
-from xcross.experiment import (
-    CURVE_FRACTIONS, UsageError, comparison_rows, evaluate_method, format_table, plot_curve, prepare_inputs, run,
-    write_rows,
-)
-from xcross.runtime import keep_freed_memory
-from xcross.weights import atomic_write_text
+from ..experiment import evaluate_popularity, evaluate_run, evaluate_source, prepare, run, source_config
+from ..files import atomic_write
+from ..reporting import comparison_rows, format_table, plot_curve, write_rows
+from ..rundir import NOT_IDENTITY, RunDir, differences
+from ..runtime import keep_freed_memory
+from ..settings import RunConfig, UsageError
+from .common import add_run_arguments, bootstrap, config_from_args
+
+CURVE_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     parents=[train_parser()], add_help=False, conflict_handler="resolve")
-    parser.add_argument("--methods", default=None,
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser, with_method=False)
+    parser.add_argument("--methods", "--method", dest="methods", default=None,
                         help="comma-separated: popularity, source:<domain>, or a run name under <out>/<target>/ "
-                             "(xcross, lora, merge, head, lora-f0.25, ...); default: popularity, every source "
-                             "adapter found and every finished run")
+                             "(xcross, lora, merge, ensemble, head, lora-f0.25, ...); default: popularity, every "
+                             "source adapter found and every finished run")
     parser.add_argument("--curve", action="store_true",
                         help="train (or reuse) LoRA and X-Cross at each --fractions and write curve.csv/json/png")
     parser.add_argument("--fractions", default=",".join(f"{f:g}" for f in CURVE_FRACTIONS),
@@ -33,69 +35,93 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def default_methods(spec) -> list[str]:
-    out = Path(spec.out)
+def default_methods(config: RunConfig) -> list[str]:
     methods = ["popularity"]
-    methods += [f"source:{s}" for s in spec.sources if (out / s / "lora" / "results.json").is_file()]
-    runs = out / spec.target
-    if runs.is_dir():
-        methods += sorted(p.name for p in runs.iterdir() if (p / "results.json").is_file())
-    return methods
+    methods += [f"source:{s}" for s in config.sources if RunDir.of(source_config(config, s)).finished()]
+    return methods + [r.name for r in RunDir.finished_runs(config.out, config.target)]
 
 
-def trained_row(spec, method: str, fraction: float, resume: bool, progress: bool) -> dict:
-    """The test row of `method` trained on `fraction` of the target users: reused if its run finished, else trained."""
-    run_spec = replace(spec, method=method, fraction=fraction)
-    done = run_spec.run_dir / "results.json"
-    results = json.loads(done.read_text()) if done.is_file() else run(run_spec, resume=resume, progress=progress)
-    name = run_spec.run_dir.name
-    result, described = evaluate_method(spec, name, progress)
-    row = comparison_rows({method: (result, described)}, spec.train.seed)[0]
+def evaluate_named(config: RunConfig, name: str, progress: bool):
+    """Test scores of one method named on the command line: popularity, source:<domain>, or a run's name."""
+    if name == "popularity":
+        return evaluate_popularity(config)
+    if name.startswith("source:"):
+        return evaluate_source(config, name.split(":", 1)[1], progress)
+    runs = {r.name: r for r in RunDir.finished_runs(config.out, config.target)}
+    if name not in runs:
+        raise UsageError(f"no finished run named {name!r} in {Path(config.out) / config.target} (finished: "
+                         f"{', '.join(runs) or 'none'}); train it with `xcross-train --target {config.target} "
+                         "--method <method>`, or name popularity / source:<domain>")
+    return evaluate_run(config, runs[name], progress)
+
+
+def trained_row(config: RunConfig, method: str, fraction: float, resume: bool, progress: bool) -> dict:
+    """The test row of `method` trained on `fraction` of the target users: reused if its run finished (and was
+    trained as asked), else trained."""
+    wanted = prepare(replace(config, method=method, fraction=fraction))
+    run_dir = RunDir.of(wanted)
+    if run_dir.finished():
+        if diff := differences(run_dir.config(), wanted, ignore=(*NOT_IDENTITY, "model.model_dir")):
+            raise UsageError(f"{run_dir.path} holds a run trained otherwise ({'; '.join(diff)}); use another --out "
+                             "or delete it")
+        results = run_dir.results()
+    else:
+        results = run(wanted, resume=resume, progress=progress)
+    result, described = evaluate_run(config, run_dir, progress)
+    row = comparison_rows({method: (result, described)}, config.train.seed)[0]
     print(f"fraction {fraction:g} {method}: hit@1 {row['hit@1']['mean']:.3f} "
           f"[{row['hit@1']['low']:.3f}, {row['hit@1']['high']:.3f}]")
-    return {**row, "fraction": fraction, "run": name, "seconds": results["seconds"]}
+    return {**row, "fraction": fraction, "run": run_dir.name, "seconds": results["seconds"]}
 
 
-def curve(spec, fractions: list[float], resume: bool, progress: bool) -> list[dict]:
+def curve(config: RunConfig, fractions: list[float], resume: bool, progress: bool) -> list[dict]:
     """LoRA and X-Cross at every fraction, then the baselines on the same test users: popularity, each source
     zero-shot, and merge (the sources' averaged adapters with a head trained on all target users)."""
-    rows = [trained_row(spec, method, f, resume, progress) for f in fractions for method in ("lora", "xcross")]
-    baselines = comparison_rows({m: evaluate_method(spec, m, progress)
-                                 for m in ["popularity", *[f"source:{s}" for s in spec.sources]]}, spec.train.seed)
-    baselines.append(trained_row(spec, "merge", 1.0, resume, progress))
+    rows = [trained_row(config, method, f, resume, progress) for f in fractions for method in ("lora", "xcross")]
+    names = ["popularity", *[f"source:{s}" for s in config.sources]]
+    baselines = comparison_rows({m: evaluate_named(config, m, progress) for m in names}, config.train.seed)
+    baselines.append(trained_row(config, "merge", 1.0, resume, progress))
     return rows + [{**r, "baseline": True} for r in baselines]
+
+
+def parse_fractions(text: str) -> list[float]:
+    try:
+        fractions = [float(f) for f in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--fractions takes comma-separated numbers in (0, 1], got {text!r}") from None
+    if bad := [f for f in fractions if not 0 < f <= 1]:
+        raise UsageError(f"--fractions must lie in (0, 1], got {bad}")
+    return fractions
 
 
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     args = build_parser().parse_args(argv)
     try:
-        spec = prepare_inputs(spec_from_args(args))
-        target_dir = Path(spec.out) / spec.target
+        config = config_from_args(args, method="lora")  # a method without sources: the check needs one
+        bootstrap(config)
+        config = prepare(config)
+        target_dir = Path(config.out) / config.target
         if args.curve:
-            fractions = [float(f) for f in args.fractions.split(",")]
-            for f in fractions:
-                if not 0 < f <= 1:
-                    raise UsageError(f"--fractions must lie in (0, 1], got {f}")
-            rows = curve(spec, fractions, args.resume, not args.quiet)
+            rows = curve(config, parse_fractions(args.fractions), args.resume, not args.quiet)
             write_rows(rows, target_dir / "curve")
-            if plot_curve(rows, target_dir / "curve.png", spec.target):
+            if plot_curve(rows, target_dir / "curve.png", config.target):
                 print(f"wrote {target_dir / 'curve.png'}")
             else:
                 print("matplotlib is not installed: no curve.png (pip install matplotlib)")
             print(format_table([{**r, "method": f"{r['method']} f={r.get('fraction', '-')}"} for r in rows]))
             return 0
-        methods = args.methods.split(",") if args.methods else default_methods(spec)
-        entries = {m: evaluate_method(spec, m, not args.quiet) for m in methods}
+        methods = args.methods.split(",") if args.methods else default_methods(config)
+        entries = {m: evaluate_named(config, m, not args.quiet) for m in methods}
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    rows = comparison_rows(entries, spec.train.seed)
-    print(f"test results on {spec.target} ({rows[0]['users']} users, {spec.num_candidates} candidates each; "
-          "mean [95% bootstrap interval]):")
+    rows = comparison_rows(entries, config.train.seed)
+    print(f"test results on {config.target} ({rows[0]['users']} users, {config.data.num_candidates} candidates "
+          "each; mean [95% bootstrap interval]):")
     print(format_table(rows))
     write_rows(rows, target_dir / "comparison")
-    atomic_write_text(target_dir / "comparison_config.json", json.dumps(spec.to_dict(), indent=2) + "\n")
+    atomic_write(target_dir / "comparison_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     print(f"wrote {target_dir / 'comparison.csv'} and .json")
     return 0
 

@@ -1,0 +1,82 @@
+"""Reporting a comparison: the table printed (mean and 95% interval per metric), the same rows as JSON and CSV,
+and the data-efficiency curve as a plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .files import atomic_write
+from .metrics import METRICS
+from .training import EvalResult
+
+
+def comparison_rows(entries: dict[str, tuple[EvalResult, dict]], seed: int = 0) -> list[dict]:
+    rows = []
+    for name, (result, described) in entries.items():
+        metrics = result.metrics(seed=seed)
+        rows.append({"method": name, **{k: metrics[k] for k in METRICS}, "users": len(result.labels), **described})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A fixed-width table: each metric as mean [95% interval]."""
+    header = f"{'method':<22}" + "".join(f"{m:>22}" for m in METRICS) + f"{'trainable':>12}{'train ex.':>10}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        cells = "".join(f"{r[m]['mean']:>8.3f} [{r[m]['low']:.3f},{r[m]['high']:.3f}]" for m in METRICS)
+        lines.append(f"{r['method']:<22}{cells}{r['trainable']:>12,}{r['train_examples']:>10,}")
+    return "\n".join(lines)
+
+
+def write_rows(rows: list[dict], stem: Path) -> None:
+    """`<stem>.json` and `<stem>.csv` (mean, low, high per metric), written atomically."""
+    atomic_write(stem.with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
+    columns = ["method", *[f"{m}_{part}" for m in METRICS for part in ("mean", "low", "high")],
+               "users", "trainable", "train_examples"]
+    extra = sorted({k for r in rows for k in r} - set(columns) - set(METRICS))
+    lines = [",".join(columns + extra)]
+    for r in rows:
+        flat = {**r, **{f"{m}_{p}": r[m][p] for m in METRICS for p in ("mean", "low", "high")}}
+        lines.append(",".join(_csv_cell(flat.get(c, "")) for c in columns + extra))
+    atomic_write(stem.with_suffix(".csv"), "\n".join(lines) + "\n")
+
+
+def _csv_cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    text = str(value)
+    return f'"{text}"' if "," in text else text
+
+
+def plot_curve(rows: list[dict], path: Path, target: str) -> bool:
+    """Hit@1 (with 95% intervals) against the fraction of target training users; False if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for method in sorted({r["method"] for r in rows if not r.get("baseline")}):  # baselines: lines, below
+        pts = sorted((r["fraction"], r["hit@1"]) for r in rows if r["method"] == method)
+        x = [p[0] for p in pts]
+        y = [p[1]["mean"] for p in pts]
+        ax.plot(x, y, marker="o", label=method)
+        ax.fill_between(x, [p[1]["low"] for p in pts], [p[1]["high"] for p in pts], alpha=0.2)
+    styles = ["--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
+    for i, r in enumerate(r for r in rows if r.get("baseline")):  # in the legend: labels of close lines collide
+        ax.axhline(r["hit@1"]["mean"], linestyle=styles[i % len(styles)], linewidth=1.2, color=f"C{i + 2}",
+                   label=f"{r['method']} (all users)" if r.get("trainable") else r["method"])
+    fractions = sorted({r["fraction"] for r in rows if not r.get("baseline")})
+    ax.set_xscale("log")
+    ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+    ax.minorticks_off()
+    ax.set_xlabel("fraction of target training users")
+    ax.set_ylabel("test Hit@1 (95% CI)")
+    ax.set_title(f"data efficiency on {target}")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return True

@@ -1,0 +1,99 @@
+"""A run's directory as an object: where each of its files lives, and its identity (method, target, fraction,
+seed, sources). The directory name is made from the identity and never parsed back; the identity is read from the
+run's own config.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .files import atomic_write
+from .settings import RunConfig
+
+# Paths of a configuration that say how a run is evaluated or executed, not what it trains: a finished run is
+# reused whatever they are (evaluation re-scores it under the comparison's own settings).
+NOT_IDENTITY = ("out", "preset", "preset_reason", "train_sources", "model.device", "model.compile",
+                "data.max_eval_users", "data.num_candidates", "data.eval_seed", "train.eval_batch_size")
+# What a source adapter is a product of: a finished source run is reused by any run that agrees on these.
+SOURCE_IDENTITY = ("model.model_dir", "model.lora", "data", "train.seed")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differences(saved: RunConfig, wanted: RunConfig, only: tuple[str, ...] | None = None,
+                ignore: tuple[str, ...] = NOT_IDENTITY) -> list[str]:
+    """Dotted paths (with both values) where two configurations differ, within `only` and outside `ignore`."""
+    a, b = _flatten(saved.to_dict()), _flatten(wanted.to_dict())
+
+    def within(key: str, paths) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in paths)
+
+    keys = [k for k in sorted(set(a) | set(b)) if (only is None or within(k, only)) and not within(k, ignore)]
+    return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in keys if a.get(k) != b.get(k)]
+
+
+@dataclass(frozen=True)
+class RunDir:
+    out: Path
+    target: str
+    method: str
+    fraction: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def of(cls, config: RunConfig) -> RunDir:
+        return cls(Path(config.out), config.target, config.method, config.fraction, config.train.seed)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunDir:
+        """The run in `path`, its identity read from its config.json."""
+        config = RunConfig.from_dict(json.loads((Path(path) / "config.json").read_text()))
+        return cls.of(config)
+
+    @classmethod
+    def finished_runs(cls, out: str | Path, target: str) -> list[RunDir]:
+        """Every finished run of `target` under `out`, ordered by name."""
+        root = Path(out) / target
+        if not root.is_dir():
+            return []
+        dirs = [p for p in sorted(root.iterdir()) if (p / "config.json").is_file() and (p / "results.json").is_file()]
+        return [cls.load(p) for p in dirs]
+
+    @property
+    def name(self) -> str:
+        """`<method>`, with `-f<fraction>` below 1 and `-s<seed>` for seeds other than 0."""
+        name = self.method if self.fraction == 1.0 else f"{self.method}-f{self.fraction:g}"
+        return name if self.seed == 0 else f"{name}-s{self.seed}"
+
+    @property
+    def path(self) -> Path:
+        return self.out / self.target / self.name
+
+    def file(self, name: str) -> Path:
+        """config.json, results.json, best.safetensors, log.jsonl, test_scores.npz."""
+        return self.path / name
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.safetensors"
+
+    def finished(self) -> bool:
+        return self.file("results.json").is_file()
+
+    def config(self) -> RunConfig:
+        return RunConfig.from_dict(json.loads(self.file("config.json").read_text()))
+
+    def results(self) -> dict:
+        return json.loads(self.file("results.json").read_text())
+
+    def write_json(self, name: str, data) -> None:
+        atomic_write(self.file(name), json.dumps(data, indent=2) + "\n")
