@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for xcross when run by path from a checkout
 RESULTS = REPO / "bench" / "results" / "convert.json"
 TARGET_WALL_S = 60.0
 TARGET_PEAK_RSS_GB = 4.0
@@ -66,10 +67,9 @@ def main() -> None:
     for name, value, target, ok in rows:
         print(f"{name:<28} {value:>10} {target:>9}  {'yes' if ok else 'NO'}")
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp_file = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
-    tmp_file.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp_file, args.output)  # readers never see a half-written file
+    # Imported only now: xcross loads torch, and a child's peak RSS would start from this process's.
+    from xcross.files import atomic_write
+    atomic_write(args.output, json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.output}")
 
 

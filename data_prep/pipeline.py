@@ -1,5 +1,5 @@
-"""The processing pipeline every importer feeds: raw interactions and item titles in, DESIGN.md §5 files out.
-It counts each dropped record, k-core filters, splits leave-one-out with fixed seeded candidates and writes atomically."""
+"""The processing pipeline every importer feeds: raw interactions and titles in, a processed domain directory out
+(what xcross.data reads): it counts dropped records, k-core filters, splits leave-one-out with seeded candidates."""
 
 from __future__ import annotations
 
@@ -9,20 +9,20 @@ import hashlib
 import html
 import json
 import math
-import os
 import re
-import shutil
 import sys
 import zlib
 from array import array
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
+
+from xcross.data import TooFewItems, sample_candidates
+from xcross.files import atomic_directory
 
 FORMAT_VERSION = 1
 
@@ -279,31 +279,6 @@ def domain_rng(seed: int, domain: str) -> np.random.Generator:
     return np.random.default_rng([seed, salt])
 
 
-def sample_candidates(rng: np.random.Generator, num_items: int, sequence: np.ndarray, target: int, c: int) -> list[int]:
-    """The target and C - 1 negatives drawn uniformly without replacement from items outside `sequence`, shuffled."""
-    need = c - 1
-    pool = num_items - len(sequence)
-    if pool < need:
-        raise DataError(
-            f"a user has {len(sequence)} of the domain's {num_items} items, leaving {pool} negatives for "
-            f"{need} needed; lower --num-candidates"
-        )
-    if pool < 4 * need:  # rejection would spin; draw from the explicit complement
-        negatives = rng.choice(np.setdiff1d(np.arange(num_items), sequence), size=need, replace=False).tolist()
-    else:  # iid draws with rejection of seen and repeated items is uniform sampling without replacement
-        excluded = set(sequence.tolist())
-        negatives = []
-        while len(negatives) < need:
-            for item in rng.integers(num_items, size=2 * need).tolist():
-                if item not in excluded:
-                    excluded.add(item)
-                    negatives.append(item)
-                    if len(negatives) == need:
-                        break
-    candidates = negatives + [target]
-    return [candidates[j] for j in rng.permutation(c).tolist()]
-
-
 def dumps(row: dict) -> str:
     return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
 
@@ -403,7 +378,10 @@ def prepare_domain(
                 train.write(dumps({"user_id": user, "history": names[max(0, i - h):i], "target": names[i]}))
             counts["train_examples"] += max(0, n - 2 - first_train)
             for split, t in ((valid, n - 2), (test, n - 1)):
-                candidates = sample_candidates(rng, len(kept_names), sequence, int(sequence[t]), c)
+                try:
+                    candidates = sample_candidates(rng, len(kept_names), sequence, int(sequence[t]), c)
+                except TooFewItems as err:
+                    raise DataError(str(err)) from None
                 split.write(dumps({
                     "user_id": user, "history": names[max(0, t - h):t], "target": names[t],
                     "candidates": [kept_names[j] for j in candidates],
@@ -439,45 +417,6 @@ def check_domain_name(domain: str) -> str:
     if not _DOMAIN_NAME.fullmatch(domain):
         raise DataError(f"domain name {domain!r} is not a plain directory name; use letters, digits, '_', '-', '.'")
     return domain
-
-
-def replace_path(src: Path, dest: Path) -> None:
-    """Move `src` to `dest`, replacing what is there with two renames, so `dest` is never half written."""
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.rename(dest, old)
-        os.rename(src, dest)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.rename(src, dest)
-
-
-@contextmanager
-def atomic_directory(dest: Path) -> Iterator[Path]:
-    """Yield a temp directory beside `dest` that becomes `dest` on success; on failure nothing is left behind,
-    not even the parent directories this call created."""
-    dest = Path(dest)
-    created = []
-    parent = dest.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    if tmp.exists():  # left by a killed run with the same pid
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for directory in created:  # deepest first
-            try:
-                directory.rmdir()
-            except OSError:
-                break
-        raise
-    replace_path(tmp, dest)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,16 +1,16 @@
 """Import a domain from the generic pair `interactions.csv` (user_id,item_id,timestamp) + `items.csv` (item_id,title).
-Usage: python -m data_prep.csv --interactions F --items F --domain NAME --out DIR [--k-core 5 --seed 0 --strict]"""
+Usage: xcross-prepare csv (python -m data_prep.tabular) --interactions F --items F --domain NAME --out DIR [--strict]"""
 
 from __future__ import annotations
 
 import sys
 
 if __name__ == "__main__" and not __package__:
-    # Run by path, this file's folder comes first on sys.path and this module would shadow the stdlib's csv.
-    sys.exit("error: run this importer as a module from the repository root: python -m data_prep.csv --help")
+    # Run by path, sys.path starts at data_prep/ rather than the repository root: the `data_prep.` imports can fail.
+    sys.exit("error: run this importer as a module: xcross-prepare csv --help (python -m data_prep.tabular)")
 
 import argparse
-import csv  # the standard library's: absolute imports never resolve to this module, data_prep.csv
+import csv
 from pathlib import Path
 from typing import Iterator
 
@@ -133,8 +133,8 @@ def import_csv(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.csv", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m data_prep.tabular", description=__doc__.splitlines()[0])
     parser.add_argument("--interactions", type=Path, required=True, help="CSV with user_id,item_id,timestamp")
     parser.add_argument("--items", type=Path, required=True, help="CSV with item_id,title")
     parser.add_argument("--domain", required=True, help="name of the output folder, e.g. toys")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.amazon import import_amazon
-from data_prep.csv import import_csv
+from data_prep.tabular import import_csv
 from data_prep.pipeline import FILTERS, PROBLEMS, DataError, PrepConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -430,16 +430,16 @@ def run_module(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 def test_cli_reports_counts(tmp_path):
     interactions, items = write_csv_pair(tmp_path / "raw")
-    done = run_module("-m", "data_prep.csv", "--interactions", str(interactions), "--items", str(items),
+    done = run_module("-m", "data_prep.tabular", "--interactions", str(interactions), "--items", str(items),
                       "--domain", "toys", "--out", str(tmp_path / "out"), "--k-core", "3", "--num-candidates", "2")
     assert done.returncode == 0, done.stderr
     assert "toys: 4 users, 5 items, 15 interactions" in done.stdout
     assert "unknown_items=1" in done.stdout and "kcore_users=2" in done.stdout
 
 
-@pytest.mark.parametrize("module", ["data_prep.csv", "data_prep.amazon"])
+@pytest.mark.parametrize("module", ["data_prep.tabular", "data_prep.amazon"])
 def test_cli_missing_file_exits_2(tmp_path, module):
-    names = ("--interactions", "--items") if module == "data_prep.csv" else ("--reviews", "--meta")
+    names = ("--interactions", "--items") if module == "data_prep.tabular" else ("--reviews", "--meta")
     done = run_module("-m", module, names[0], str(tmp_path / "nope.csv"), names[1], str(tmp_path / "nope2.csv"),
                       "--domain", "toys", "--out", str(tmp_path / "out"))
     assert done.returncode == 2
@@ -450,7 +450,7 @@ def test_cli_missing_file_exits_2(tmp_path, module):
 def test_cli_empty_result_exits_2_and_writes_nothing(tmp_path):
     interactions, items = write_csv_pair(tmp_path / "raw")
     (tmp_path / "out").mkdir()
-    done = run_module("-m", "data_prep.csv", "--interactions", str(interactions), "--items", str(items),
+    done = run_module("-m", "data_prep.tabular", "--interactions", str(interactions), "--items", str(items),
                       "--domain", "toys", "--out", str(tmp_path / "out"))  # 5-core: nobody has 5 items
     assert done.returncode == 2
     assert "no interactions left" in done.stderr and "--k-core" in done.stderr
@@ -459,14 +459,14 @@ def test_cli_empty_result_exits_2_and_writes_nothing(tmp_path):
 
 def test_cli_strict_exits_2(tmp_path):
     interactions, items = write_csv_pair(tmp_path / "raw")
-    done = run_module("-m", "data_prep.csv", "--interactions", str(interactions), "--items", str(items),
+    done = run_module("-m", "data_prep.tabular", "--interactions", str(interactions), "--items", str(items),
                       "--domain", "toys", "--out", str(tmp_path / "out"), "--k-core", "3", "--strict")
     assert done.returncode == 2
     assert "items.csv:3:" in done.stderr and "[html_titles]" in done.stderr and "--strict" in done.stderr
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("script", ["data_prep/csv.py", "data_prep/amazon.py", "data_prep/synthetic.py"])
+@pytest.mark.parametrize("script", ["data_prep/tabular.py", "data_prep/amazon.py", "data_prep/synthetic.py"])
 def test_running_by_path_says_use_module(script):
     done = run_module(script, "--help")
     assert done.returncode != 0 and "python -m data_prep." in done.stderr
