@@ -332,11 +332,15 @@ USAGE_ERRORS = {  # id: (flags, what the message says; {world} and {empty} are f
     "schedule": (["--schedule", "cosine", "--out", "{empty}"], "--schedule must be one of linear, constant"),
     "warmup": (["--warmup", "1.5", "--out", "{empty}"], "--warmup is a fraction of the steps in [0, 1), got 1.5"),
     "compile": (["--compile", "yes", "--out", "{empty}"], "--compile must be one of auto, on, off (got 'yes')"),
+    "one-source": (["--sources", "tools", "--out", "{empty}"],
+                   "method xcross mixes several source streams but has 1 source (tools); with one source use "
+                   "--method merge"),
 }
 
 
 @pytest.mark.parametrize("cli, case", [(cli, case) for cli in (train_cli, evaluate_cli) for case in USAGE_ERRORS
-                                       if not (cli is evaluate_cli and case == "missing-source")],  # trains nothing
+                                       # evaluate.py trains nothing and mixes nothing
+                                       if not (cli is evaluate_cli and case in ("missing-source", "one-source"))],
                          ids=lambda v: v if isinstance(v, str) else v.__name__)
 def test_usage_errors(setup, flags, tmp_path, capsys, cli, case):
     args, message = USAGE_ERRORS[case]

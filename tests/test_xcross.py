@@ -432,3 +432,45 @@ def test_padding_to_a_length_multiple_changes_no_score(attention):
     assert tight.input_ids.shape[1] == 25 and padded.input_ids.shape[1] == 32
     with torch.no_grad():
         torch.testing.assert_close(model.score(padded), model.score(tight), atol=1e-5, rtol=0)
+
+
+# -- methods built on the sources ------------------------------------------------------------------------------------
+
+
+def _source_files(tmp_path, n=3):
+    paths = []
+    for i in range(n):
+        src = _lora_model(0, adapter_seed=10 + i)
+        _randomise_head(src, 20 + i)
+        paths.append(tmp_path / f"s{i}.safetensors")
+        save_adapter(src, paths[-1])
+    return paths
+
+
+def test_ensemble_at_init_equals_xcross_at_init(tmp_path):
+    """The integrators-off baseline is X-Cross with z ≡ 0: the same scores as an untrained X-Cross, and it trains
+    only the stream weights and the head."""
+    paths = _source_files(tmp_path)
+    xc, ensemble = (build_model(tiny_decoder(0), m, paths) for m in ("xcross", "ensemble"))
+    batch = _random_batch(3)
+    with torch.no_grad():
+        torch.testing.assert_close(ensemble.score(batch), xc.score(batch), atol=1e-6, rtol=0)
+    assert ensemble.integrators is None and ensemble.trainable == {"stream_weights", "head"}
+    d = TINY_GEMMA["hidden_size"]
+    assert parameter_report(ensemble)["trainable"] == 3 + d * d + d + d + 1  # w and the head, by hand
+
+
+def test_building_a_model_leaves_the_callers_decoder_unchanged(tmp_path):
+    decoder = tiny_decoder(0)
+    before = {k: v.clone() for k, v in decoder.state_dict().items()}
+    build_model(decoder, "xcross", _source_files(tmp_path, 2))
+    assert not lora_layers(decoder) and decoder.state_dict().keys() == before.keys()
+    for k, v in decoder.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_merge_counts_one_source_rank_as_its_target_lora(tmp_path):
+    """merge holds the n sources' adapters as one of rank n·r; the target LoRA it is compared with has rank r."""
+    merged = build_model(tiny_decoder(0), "merge", _source_files(tmp_path, 3))
+    target = build_model(tiny_decoder(0), "lora", lora=LORA)
+    assert parameter_report(merged, LORA)["target_lora_equivalent"] == parameter_report(target)["trainable"]
