@@ -72,9 +72,10 @@ def eval_examples(domain: Domain, split: str, config: RunConfig) -> list[Example
     """Validation/test examples of a user subsample seeded by `data.eval_seed` (never by the training seed, so runs
     of every seed are evaluated on the same users), with C of the stored candidates (target kept)."""
     examples, data = getattr(domain, split), config.data
-    if data.max_eval_users and len(examples) > data.max_eval_users:
+    cap = data.max_valid_users if split == "valid" and data.max_valid_users else data.max_eval_users
+    if cap and len(examples) > cap:
         order = np.random.default_rng([data.eval_seed, 4]).permutation(len(examples))
-        examples = [examples[i] for i in sorted(order[: data.max_eval_users])]
+        examples = [examples[i] for i in sorted(order[:cap])]
     stored = len(examples[0].candidates)
     if data.num_candidates > stored:
         raise UsageError(f"--num-candidates {data.num_candidates} > the {stored} candidates stored in the data; "
@@ -241,6 +242,25 @@ def evaluate_source(config: RunConfig, source: str, progress: bool = True) -> tu
     return result, {"trainable": 0, "train_examples": 0}
 
 
+def model_from_run(run_dir: RunDir, decoder) -> XCrossModel:
+    """The trained model of a finished run of any method, rebuilt on `decoder` from its config.json, its
+    best.safetensors and the source adapters that names (each checked against the base)."""
+    if not run_dir.best.is_file():
+        raise UsageError(f"{run_dir.path} has no best.safetensors: not a finished run")
+    best, meta = load_tensors(run_dir.best, str(decoder.model.embed_tokens.weight.device))
+    if meta.get("format") == ADAPTER_FORMAT:  # a LoRA run: its adapter and head, as a source is used
+        return build_model(decoder, "source", [run_dir.best])
+    adapters = [Path(p) for p in meta.get("adapters", [])]
+    if missing := [str(p) for p in adapters if not p.is_file()]:
+        raise UsageError(f"{run_dir.path} was built on source adapters that are missing: {', '.join(missing)}")
+    try:
+        model = model_for(run_dir.config(), decoder, adapters)
+    except ValueError as err:
+        raise UsageError(f"{run_dir.path}: {err}") from err
+    load_trained(model, best)
+    return model
+
+
 def evaluate_run(config: RunConfig, run_dir: RunDir, progress: bool = True) -> tuple[EvalResult, dict]:
     """A finished run's test scores under `config`'s evaluation settings: its stored scores where the settings
     are the run's own, else its saved weights re-scored."""
@@ -254,13 +274,7 @@ def evaluate_run(config: RunConfig, run_dir: RunDir, progress: bool = True) -> t
         return EvalResult.load(run_dir.file("test_scores.npz")), described
     device, dtype = device_of(config)
     domain = load_domain(Path(config.data.data_dir) / config.target)
-    decoder = load_decoder(config.model.model_dir, device, dtype)
-    best, meta = load_tensors(run_dir.best, device)
-    if meta.get("format") == ADAPTER_FORMAT:
-        model = build_model(decoder, "source", [run_dir.best])
-    else:
-        model = model_for(saved, decoder, [Path(p) for p in meta.get("adapters", [])])
-        load_trained(model, best)
+    model = model_from_run(run_dir, load_decoder(config.model.model_dir, device, dtype))
     builder = PromptBuilder(Tokenizer.from_dir(config.model.model_dir), domain.items, saved.data.title_tokens,
                             saved.data.history_len)
     result = evaluate(model, eval_examples(domain, "test", config), builder, config.train.eval_batch_size, device,

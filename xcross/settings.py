@@ -43,6 +43,7 @@ class DataConfig:
     max_train_users: int | None = None  # seeded subsample of the target's training users, before the fraction
     max_examples_per_user: int | None = None  # most recent training examples kept per user
     max_eval_users: int | None = None  # seeded subsample of validation and test users
+    max_valid_users: int | None = None  # fewer validation users than test users (default: max_eval_users)
     eval_seed: int = 0  # seeds that subsample; the training seed never changes which users are evaluated
 
 
@@ -143,6 +144,13 @@ PRESETS = {
     "gpu": {"data.history_len": 10, "data.title_tokens": 24, "data.max_eval_users": 2000, "train.batch_size": 32,
             "train.epochs": 1, "train.train_candidates": 8, "train.checkpoint_every": 200, "train.log_every": 20,
             "train.eval_batch_size": 32},
+    # The study preset: measured on this 2-core CPU to fit one arrangement's whole study (two sources; LoRA and
+    # X-Cross at five fractions, merge, ensemble, every method tested) in about two hours (README, "Study").
+    "study-cpu": {"data.history_len": 5, "data.title_tokens": 16, "data.max_train_users": 400,
+                  "data.max_examples_per_user": 1, "data.max_eval_users": 384, "data.max_valid_users": 128,
+                  "model.lora.dropout": 0.0, "train.batch_size": 8, "train.epochs": 1, "train.lr": 1e-3,
+                  "train.train_candidates": 8, "train.checkpoint_every": 5, "train.log_every": 5,
+                  "train.eval_batch_size": 16},
     "full": {"data.history_len": 10, "data.title_tokens": 24, "train.batch_size": 32, "train.epochs": 1,
              "train.train_candidates": 8},
 }
@@ -198,11 +206,12 @@ def flag(path: str) -> str:
 
 
 _AT_LEAST = {1: ("data.history_len", "data.title_tokens", "data.max_train_users", "data.max_examples_per_user",
-                 "data.max_eval_users", "model.lora.rank", "train.epochs", "train.max_steps", "train.batch_size",
+                 "data.max_eval_users", "data.max_valid_users", "model.lora.rank", "train.epochs", "train.max_steps", "train.batch_size",
                  "train.eval_every", "train.checkpoint_every", "train.log_every", "train.eval_batch_size"),
              2: ("data.num_candidates", "train.train_candidates"),
              0: ("train.seed", "data.eval_seed")}
-_OPTIONAL = {"data.max_train_users", "data.max_examples_per_user", "data.max_eval_users", "train.max_steps",
+_OPTIONAL = {"data.max_train_users", "data.max_examples_per_user", "data.max_eval_users", "data.max_valid_users",
+             "train.max_steps",
              "train.eval_every"}  # None: no limit / every epoch
 _CHOICES = {"method": TRAINED_METHODS, "model.xcross.mix_at": MIX_POINTS, "model.head_init": HEAD_INITS,
             "train.schedule": SCHEDULES, "model.compile": COMPILE_CHOICES, "model.dtype": DTYPES}

@@ -422,6 +422,7 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
                 state.batch_in_epoch = 0
                 if not config.eval_every:
                     validate()
+        stopped = stopped or stop["stop"]  # asked during the last step or validation: the request still stands
     bar.close()
     if stopped:
         # The signal only set a flag, so no step was cut short: this is exactly the state after the last step.

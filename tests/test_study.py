@@ -1,0 +1,80 @@
+"""The study command on a tiny model and world: it trains every run of an arrangement for two seeds, reports paired
+differences and verdicts, and an interrupted study continued by the same command gives the same report."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from tests.pipeline_fixtures import common_flags, interrupt_when, make_model_dir, make_world, run_cli
+from xcross.study import _crossing
+
+TINY_STUDY = dict(target="toys", sources="sports,tools", max_train_users=16, max_examples_per_user=1,
+                  max_eval_users=16, max_valid_users=8, batch_size=4, epochs=1, history_len=3, title_tokens=8,
+                  train_candidates=4, checkpoint_every=1, log_every=1, fractions="0.5,1", seeds="0,1")
+VERDICTS = {"holds", "does not hold", "undecided at this size"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    world = make_world(root / "world")
+    return {"root": root, "world": world, "model": make_model_dir(root / "model", world)}
+
+
+def study_args(setup, out):
+    return ["-m", "xcross.cli.study", *common_flags(setup["world"], setup["model"], out, **TINY_STUDY)]
+
+
+@pytest.fixture(scope="module")
+def straight(setup):
+    out = setup["root"] / "straight"
+    proc = run_cli("-m", study_args(setup, out)[1:], timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+def test_study_report(straight):
+    study = straight / "toys" / "study"
+    report = json.loads((study / "report.json").read_text())
+    labels = [r["method"] for r in report["rows"]]
+    assert labels == ["popularity", "source:sports", "source:tools", "lora@1", "xcross@1", "lora@0.5", "xcross@0.5",
+                      "merge", "ensemble"]
+    for row in report["rows"]:
+        assert row["users"] == 16 and row["seeds"] == (1 if row["method"] == "popularity" else 2)
+        assert len(row["hit@1_per_seed"]) == row["seeds"]
+        assert row["hit@1"]["mean"] == pytest.approx(sum(row["hit@1_per_seed"]) / row["seeds"], abs=1e-9)
+    assert {p["method"] for p in report["paired"]} == set(labels) - {"lora@1"}
+    assert all(-1 <= p["hit@1"]["low"] <= p["hit@1"]["diff"] <= p["hit@1"]["high"] <= 1 for p in report["paired"])
+    assert [c["verdict"] in VERDICTS for c in report["claims"]] == [True, True]  # no 0.1/0.25: no data claim
+    assert (study / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Claims" in (study / "report.md").read_text()
+    # every seed trained into a directory of its own, sources included
+    for name in ("lora", "lora-s1", "xcross-f0.5", "xcross-f0.5-s1", "ensemble-s1"):
+        assert (straight / "toys" / name / "results.json").is_file(), name
+    assert (straight / "sports" / "lora-s1" / "best.safetensors").is_file()
+
+
+def test_interrupted_study_resumes_to_the_same_report(setup, straight):
+    out = setup["root"] / "interrupted"
+    running = out / "toys" / "xcross-f0.5" / "ckpt" / "LATEST"  # the 4th run of seed 0, mid-training
+    stopped = interrupt_when([sys.executable, *study_args(setup, out)], running.is_file, timeout=600)
+    assert stopped.returncode == 130, stopped.stdout + stopped.stderr
+    assert not (out / "toys" / "xcross-f0.5" / "results.json").exists()
+    resumed = run_cli("-m", study_args(setup, out)[1:], timeout=900)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout and "study: training lora@1 (seed 0)" not in resumed.stdout  # finished: skipped
+    got = json.loads((out / "toys" / "study" / "report.json").read_text())
+    want = json.loads((straight / "toys" / "study" / "report.json").read_text())
+    assert got == want
+
+
+def test_crossing_by_hand():
+    fractions = [0.1, 0.25, 1.0]
+    # halfway between 0.1 and 0.25 in log fraction: sqrt(0.1 * 0.25)
+    assert _crossing(fractions, [0.2, 0.4, 0.5], 0.3) == pytest.approx(math.sqrt(0.025))
+    assert _crossing(fractions, [0.2, 0.4, 0.5], 0.1) == 0.1  # already above at the smallest fraction
+    assert _crossing(fractions, [0.2, 0.4, 0.5], 0.6) == math.inf  # never reached

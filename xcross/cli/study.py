@@ -1,0 +1,69 @@
+"""Run the study that decides the paper's claims on one arrangement: sources, LoRA and X-Cross at every fraction,
+merge and ensemble, for every seed, evaluated on the same test users; writes report.md/json and curve.png under
+<out>/<target>/study/. Resumable: run the same command again after an interruption."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..runtime import keep_freed_memory
+from ..settings import UsageError
+from ..study import FRACTIONS, Study, format_markdown, run_study
+from ..training import TrainingDiverged
+from .common import add_run_arguments, bootstrap, config_from_args, finish_distributed
+from .evaluate import parse_fractions
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="The study-cpu preset (--preset study-cpu) is sized for a 2-core CPU.")
+    add_run_arguments(parser, with_method=False)
+    parser.add_argument("--fractions", default=",".join(f"{f:g}" for f in FRACTIONS),
+                        help="fractions of target training users for LoRA and X-Cross")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds, one run of each method per "
+                                                     "seed (default 0)")
+    parser.add_argument("--reference", default="lora@1", help="the method every other is compared with, paired "
+                                                             "(default lora@1: LoRA on every target user)")
+    return parser
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise UsageError(f"--seeds takes comma-separated whole numbers, got {text!r}") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds must be distinct whole numbers >= 0, got {text!r}")
+    return seeds
+
+
+def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args, method="xcross")
+        bootstrap(config)
+        study = Study(config, tuple(parse_fractions(args.fractions)), parse_seeds(args.seeds), args.reference)
+        if 1.0 not in study.fractions:
+            raise UsageError("--fractions must include 1 (the reference LoRA and X-Cross on every target user)")
+        report = run_study(study, progress=not args.quiet)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"error: training diverged: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to continue the study", file=sys.stderr)
+        return 130
+    finally:
+        finish_distributed()
+    print(format_markdown(report))
+    print(f"wrote {study.out}/report.md, report.json, curve.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The study that decides the paper's claims on one arrangement (a target and its sources): LoRA and X-Cross at
+every fraction of the target's training users, merge and ensemble, popularity and every source zero-shot, for each
+training seed, all evaluated on the same users; then the paired differences against a reference and a verdict per
+claim. Every run is an ordinary run directory, so an interrupted study continues where it stopped."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .experiment import evaluate_popularity, evaluate_run, evaluate_source, prepare, run
+from .files import atomic_write
+from .metrics import METRICS, paired_difference, per_user_metrics, summarise, verdict
+from .reporting import plot_curve
+from .rundir import NOT_IDENTITY, RunDir, differences
+from .settings import RunConfig, UsageError
+from .training import EvalResult
+
+FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
+CURVE_METHODS = ("lora", "xcross")  # trained at every fraction
+FULL_METHODS = ("merge", "ensemble")  # trained on every target user
+MATCH_MARGIN = 0.02  # "matches LoRA": not worse by more than 2 Hit@1 points
+
+
+@dataclass(frozen=True)
+class Study:
+    base: RunConfig  # target, sources, data, model and training settings shared by every run
+    fractions: tuple[float, ...] = FRACTIONS
+    seeds: tuple[int, ...] = (0,)
+    reference: str = "lora@1"  # what every method is compared with, paired
+
+    @property
+    def out(self) -> Path:
+        return Path(self.base.out) / self.base.target / "study"
+
+    def runs(self) -> list[tuple[str, RunConfig]]:
+        """(label, config) of every trained run, in the order they are trained."""
+        planned = []
+        for seed in self.seeds:
+            seeded = self.base.with_values({"train.seed": seed})
+            for f in sorted(self.fractions, reverse=True):
+                planned += [(f"{m}@{f:g}", replace(seeded, method=m, fraction=f)) for m in CURVE_METHODS]
+            planned += [(m, replace(seeded, method=m, fraction=1.0)) for m in FULL_METHODS]
+        return planned
+
+
+def run_study(study: Study, progress: bool = True) -> dict:
+    """Train what is missing (a run interrupted before is resumed from its checkpoint), evaluate everything on the
+    same test users, write the report; return it."""
+    for label, config in study.runs():
+        config = prepare(config)
+        run_dir = RunDir.of(config)
+        if run_dir.finished():
+            if diff := differences(run_dir.config(), config, ignore=(*NOT_IDENTITY, "model.model_dir")):
+                raise UsageError(f"{run_dir.path} holds a run trained otherwise ({'; '.join(diff)}); use another "
+                                 "--out or delete it")
+            continue
+        print(f"study: training {label} (seed {config.train.seed}) into {run_dir.path}")
+        run(config, resume=run_dir.path.exists(), progress=progress)
+    results = collect(study, progress)
+    report = build_report(study, results)
+    write_report(study, report)
+    return report
+
+
+def _cached(path: Path, compute) -> EvalResult:
+    """Scores of a method that has no run directory of its own (popularity, a source zero-shot), kept on disk so
+    that a resumed study does not score them again."""
+    if path.is_file():
+        return EvalResult.load(path)
+    result = compute()
+    result.save(path)
+    return result
+
+
+def collect(study: Study, progress: bool = True) -> dict[str, list[EvalResult]]:
+    """label -> one test result per seed (one for popularity), every one on the same users in the same order."""
+    base = prepare(study.base)
+    out: dict[str, list[EvalResult]] = {}
+    scores = study.out / "scores"
+    scores.mkdir(parents=True, exist_ok=True)
+    out["popularity"] = [_cached(scores / "popularity.npz", lambda: evaluate_popularity(base)[0])]
+    for seed in study.seeds:
+        seeded = base.with_values({"train.seed": seed})
+        for source in base.sources:
+            out.setdefault(f"source:{source}", []).append(_cached(
+                scores / f"source-{source}-s{seed}.npz", lambda: evaluate_source(seeded, source, progress)[0]))
+    for label, config in study.runs():
+        config = prepare(config)
+        out.setdefault(label, []).append(evaluate_run(base, RunDir.of(config), progress)[0])
+    users = out["popularity"][0].user_ids
+    for label, results in out.items():
+        if any(r.user_ids != users for r in results):
+            raise RuntimeError(f"{label} was evaluated on other users than popularity; the comparison is unpaired")
+    return out
+
+
+def _per_user(results: list[EvalResult]) -> dict[str, np.ndarray]:
+    """Each metric per user, averaged over the seeds' runs (pairing is kept: the same users in the same order)."""
+    per_seed = [per_user_metrics(r.scores, r.labels) for r in results]
+    return {m: np.mean([p[m] for p in per_seed], axis=0) for m in METRICS}
+
+
+def _crossing(fractions: list[float], values: list[float], level: float) -> float:
+    """The smallest fraction where the piecewise-linear (in log fraction) curve first reaches `level`; inf when
+    it never does within the measured range, the smallest fraction when it starts above."""
+    if values[0] >= level:
+        return fractions[0]
+    for (f0, v0), (f1, v1) in zip(zip(fractions, values), zip(fractions[1:], values[1:])):
+        if v1 >= level > v0:
+            t = (level - v0) / (v1 - v0)
+            return float(math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0))))
+    return math.inf
+
+
+def data_efficiency(study: Study, per_user: dict[str, dict[str, np.ndarray]], at: float, bootstrap: int = 1000,
+                    seed: int = 0) -> dict:
+    """The fraction of target users LoRA needs to reach X-Cross's Hit@1 at fraction `at` (interpolated on LoRA's
+    curve), with a 95% interval from resampling users (the same resample for every point of both curves)."""
+    fractions = sorted(study.fractions)
+    lora = np.stack([per_user[f"lora@{f:g}"]["hit@1"] for f in fractions])  # (F, N)
+    target = per_user[f"xcross@{at:g}"]["hit@1"]
+    estimate = _crossing(fractions, lora.mean(1).tolist(), float(target.mean()))
+    rng = np.random.default_rng(seed)
+    n = lora.shape[1]
+    draws = []
+    for idx in rng.integers(0, n, size=(bootstrap, n)):
+        draws.append(_crossing(fractions, lora[:, idx].mean(1).tolist(), float(target[idx].mean())))
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {"xcross_fraction": at, "xcross_hit@1": float(target.mean()), "lora_fraction_needed": estimate,
+            "low": float(low), "high": float(high), "never_reached_share": float(np.mean(np.isinf(draws))),
+            "data_saving": 1 - at / estimate if math.isfinite(estimate) else 1.0}
+
+
+def build_report(study: Study, results: dict[str, list[EvalResult]]) -> dict:
+    per_user = {label: _per_user(r) for label, r in results.items()}
+    rows = []
+    for label, res in results.items():
+        summary = summarise(per_user[label], bootstrap=1000, seed=0)
+        seed_means = [float(per_user_metrics(r.scores, r.labels)["hit@1"].mean()) for r in res]
+        rows.append({"method": label, **{m: summary[m] for m in METRICS}, "seeds": len(res),
+                     "hit@1_per_seed": seed_means, "hit@1_seed_sd": float(np.std(seed_means)),
+                     "users": len(res[0].labels)})
+    if study.reference not in per_user:
+        raise UsageError(f"reference {study.reference!r} is not part of the study ({', '.join(per_user)})")
+    ref = per_user[study.reference]
+    paired = []
+    for label in per_user:
+        if label != study.reference:
+            paired.append({"method": label, "reference": study.reference,
+                           **{m: paired_difference(per_user[label][m], ref[m], seed=0) for m in ("hit@1", "mrr")}})
+    claims = judge(study, per_user)
+    return {"target": study.base.target, "sources": list(study.base.sources), "fractions": list(study.fractions),
+            "seeds": list(study.seeds), "reference": study.reference, "test_users": rows[0]["users"],
+            "rows": rows, "paired": paired, "claims": claims, "parameters": _parameters(study)}
+
+
+def _parameters(study: Study) -> dict:
+    config = prepare(replace(study.base.with_values({"train.seed": study.seeds[0]}), method="xcross"))
+    report = RunDir.of(config).results()["parameters"]
+    return {"xcross_trainable": report["trainable"], "target_lora_equivalent": report["target_lora_equivalent"],
+            "ratio": report["ratio_to_target_lora"]}
+
+
+def judge(study: Study, per_user: dict[str, dict[str, np.ndarray]]) -> list[dict]:
+    """A verdict per claim of the paper, each with the paired evidence it rests on."""
+    xc = per_user["xcross@1"]["hit@1"]
+    match = paired_difference(xc, per_user["lora@1"]["hit@1"], seed=0)
+    claims = [{"claim": "X-Cross matches a LoRA fine-tuned on the target (Hit@1 not lower by more than "
+                        f"{MATCH_MARGIN:g})", "evidence": {"xcross@1 - lora@1": match},
+               "verdict": verdict(match, -MATCH_MARGIN)}]
+    efficiency = {}
+    for at in (0.1, 0.25):
+        if at in study.fractions:
+            efficiency[f"{at:g}"] = data_efficiency(study, per_user, at)
+    if efficiency:
+        # "50-75% less data": LoRA needs at least twice the data X-Cross uses to reach the same Hit@1.
+        verdicts = []
+        for at, e in efficiency.items():
+            verdicts.append("holds" if e["low"] >= 2 * float(at) else
+                            "does not hold" if e["high"] < 2 * float(at) else "undecided at this size")
+        claims.append({"claim": "X-Cross needs 50-75% less target data than LoRA (LoRA needs >= 2x X-Cross's "
+                                "fraction to reach its Hit@1)", "evidence": efficiency,
+                       "verdict": _combine(verdicts)})
+    baselines = ["merge", "ensemble", *[k for k in per_user if k.startswith("source:")]]
+    versus = {b: paired_difference(xc, per_user[b]["hit@1"], seed=0) for b in baselines if b in per_user}
+    claims.append({"claim": "X-Cross beats the other cross-domain baselines (merge, ensemble, each source "
+                            "zero-shot) in Hit@1", "evidence": {f"xcross@1 - {b}": d for b, d in versus.items()},
+                   "verdict": _combine([verdict(d) for d in versus.values()])})
+    return claims
+
+
+def _combine(verdicts: list[str]) -> str:
+    if verdicts and all(v == "holds" for v in verdicts):
+        return "holds"
+    if any(v == "does not hold" for v in verdicts):
+        return "does not hold"
+    return "undecided at this size"
+
+
+def format_markdown(report: dict) -> str:
+    lines = [f"# Study: {', '.join(report['sources'])} -> {report['target']}", "",
+             f"{report['test_users']} test users (the same for every method), seeds {report['seeds']}; means over "
+             "seeds of per-user metrics, 95% bootstrap intervals over users.", "",
+             "| method | Hit@1 | MRR | Hit@1 per seed |", "|---|---|---|---|"]
+    for r in report["rows"]:
+        cells = [f"{r[m]['mean']:.3f} [{r[m]['low']:.3f}, {r[m]['high']:.3f}]" for m in ("hit@1", "mrr")]
+        lines.append(f"| {r['method']} | {cells[0]} | {cells[1]} | "
+                     f"{', '.join(f'{v:.3f}' for v in r['hit@1_per_seed'])} |")
+    lines += ["", f"Paired differences against {report['reference']} (same users; paired bootstrap 95% interval, "
+              "sign-flip test p):", "", "| method | ΔHit@1 | p | ΔMRR | p |", "|---|---|---|---|---|"]
+    for p in report["paired"]:
+        h, m = p["hit@1"], p["mrr"]
+        lines.append(f"| {p['method']} | {h['diff']:+.3f} [{h['low']:+.3f}, {h['high']:+.3f}] | {h['p']:.3g} | "
+                     f"{m['diff']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}] | {m['p']:.3g} |")
+    params = report["parameters"]
+    lines += ["", f"X-Cross trains {params['xcross_trainable']:,} parameters, {params['ratio']:.0%} of a target LoRA "
+              f"+ head ({params['target_lora_equivalent']:,}).", "", "## Claims", ""]
+    for c in report["claims"]:
+        lines.append(f"- **{c['verdict']}**: {c['claim']}")
+        for name, e in c["evidence"].items():
+            if "diff" in e:
+                lines.append(f"  - {name}: {e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}], p = {e['p']:.3g}")
+            else:
+                lines.append(f"  - X-Cross at {name} of the users (Hit@1 {e['xcross_hit@1']:.3f}): LoRA needs "
+                             f"{e['lora_fraction_needed']:.3g} [{e['low']:.3g}, {e['high']:.3g}] of them "
+                             f"(never within the measured range in {e['never_reached_share']:.0%} of resamples)")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(study: Study, report: dict) -> None:
+    """report.json, report.md, curve.png (Hit@1 against the fraction, with intervals) in the study directory."""
+    atomic_write(study.out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write(study.out / "report.md", format_markdown(report))
+    rows = []
+    for r in report["rows"]:
+        method, _, fraction = r["method"].partition("@")
+        rows.append({**r, "method": method, "fraction": float(fraction) if fraction else 1.0,
+                     "baseline": not fraction, "trainable": method in FULL_METHODS})
+    plot_curve(rows, study.out / "curve.png", report["target"])
