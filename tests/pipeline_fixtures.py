@@ -188,9 +188,9 @@ def run_cli(script: str, args: list[str], timeout: float = 300, launcher: list[s
 
 
 def interrupt_when(command: list[str], ready, timeout: float = 120, poll: float = 0.05,
-                   env: dict | None = None) -> subprocess.CompletedProcess:
-    """Start `command` (cwd = repository root), send it SIGINT as soon as `ready()` is true, and wait for it to
-    finish (stdout and stderr captured)."""
+                   env: dict | None = None, signum: int = signal.SIGINT) -> subprocess.CompletedProcess:
+    """Start `command` (cwd = repository root), send it `signum` (SIGINT) as soon as `ready()` is true, and wait
+    for it to finish (stdout and stderr captured)."""
     proc = subprocess.Popen(command, cwd=REPO, env=env or cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     start = time.monotonic()
@@ -202,7 +202,7 @@ def interrupt_when(command: list[str], ready, timeout: float = 120, poll: float 
             if time.monotonic() - start > timeout:
                 raise AssertionError(f"not ready after {timeout} s")
             time.sleep(poll)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=timeout)
     except BaseException:
         proc.kill()

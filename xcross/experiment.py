@@ -15,7 +15,7 @@ from .data import CandidateSampler, Domain, Example, PromptBuilder, load_domain
 from .distributed import barrier, dist_info, init_distributed
 from .methods import ADAPTER_FORMAT, CHECKPOINT_FORMAT, build_model, check_adapter, load_trained
 from .methods import parameter_report, read_adapter, save_adapter, trained_tensors
-from .rundir import SOURCE_IDENTITY, RunDir, differences
+from .rundir import RESUMABLE_CHANGES, SOURCE_IDENTITY, RunDir, differences
 from .settings import (TRAINED_METHODS, RunConfig, UsageError, available_domains, resolve, resolve_device,
                        resolve_dtype, validate)
 from .tokenizer import Tokenizer
@@ -157,7 +157,21 @@ def train_method(config: RunConfig, decoder, adapters: list[Path], resume: bool 
                  test: bool = True) -> dict:
     """Train one method of a prepared config on its target (from the given source adapters), select it on
     validation and test it; write config.json, best.safetensors, log.jsonl, test_scores.npz and results.json into
-    its run directory. `test=False` skips the test split (source adapters are a means to an end)."""
+    its run directory. `test=False` skips the test split (source adapters are a means to an end). The run
+    directory is locked meanwhile; a resumed run must be asked for with the settings it was started with."""
+    run_dir = RunDir.of(config)
+    if not dist_info().main:
+        return _train_method(config, decoder, adapters, resume, progress, test)
+    with run_dir.lock():
+        if resume and run_dir.file("config.json").is_file() and (run_dir.path / "ckpt").is_dir():
+            if diff := differences(run_dir.config(), config, ignore=RESUMABLE_CHANGES):
+                raise UsageError(f"--resume: {run_dir.path} was started with other settings ({'; '.join(diff)}); "
+                                 "resume with the same flags, or start it over without --resume")
+        return _train_method(config, decoder, adapters, resume, progress, test)
+
+
+def _train_method(config: RunConfig, decoder, adapters: list[Path], resume: bool, progress: bool,
+                  test: bool) -> dict:
     start = time.perf_counter()
     device = str(decoder.model.embed_tokens.weight.device)
     info = dist_info()

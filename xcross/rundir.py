@@ -4,17 +4,23 @@ run's own config.json."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .files import atomic_write
-from .settings import RunConfig
+from .settings import RunConfig, UsageError
 
 # Paths of a configuration that say how a run is evaluated or executed, not what it trains: a finished run is
 # reused whatever they are (evaluation re-scores it under the comparison's own settings).
 NOT_IDENTITY = ("out", "preset", "preset_reason", "train_sources", "model.device", "model.compile",
                 "data.max_eval_users", "data.num_candidates", "data.eval_seed", "train.eval_batch_size")
+# What may change when an interrupted run is resumed: where and how it executes, never what it computes.
+RESUMABLE_CHANGES = ("out", "preset", "preset_reason", "train_sources", "model.device", "model.compile")
 # What a source adapter is a product of: a finished source run is reused by any run that agrees on these.
 SOURCE_IDENTITY = ("model.model_dir", "model.lora", "data", "train.seed")
 
@@ -97,3 +103,20 @@ class RunDir:
 
     def write_json(self, name: str, data) -> None:
         atomic_write(self.file(name), json.dumps(data, indent=2) + "\n")
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run directory for one process: a second training into it fails at once instead of
+        interleaving its files with the first one's. The lock goes with the process, however it ends."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise UsageError(f"another process (pid {f.read().strip() or '?'}) is training into {self.path}; "
+                                 "wait for it, or use another --out") from None
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()
+            yield

@@ -184,6 +184,14 @@ def coefficient_stats(batch: Batch, coefficients: dict[str, list[Tensor]]) -> li
 # -- checkpoints -----------------------------------------------------------------------------------------------------
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM after saving a checkpoint; `signum` gives the exit code 128 + signum."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = int(signum)
+
+
 @dataclass
 class Progress:
     """Where training stands; saved with every checkpoint."""
@@ -218,12 +226,21 @@ class Checkpoints:
         self.root = run_dir / "ckpt"
         self.keep = keep
 
-    def latest(self) -> Path | None:
-        pointer = self.root / "LATEST"
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if path.is_dir() else None
+    def candidates(self) -> list[Path]:
+        """Complete checkpoints, newest first. A step directory is renamed into place only once written whole, so
+        every one counts; `LATEST` (which a kill can leave naming a missing step) is not trusted."""
+        return sorted((p for p in self.root.glob("step-*") if p.is_dir()), reverse=True) if self.root.is_dir() else []
+
+    def resume(self, model: XCrossModel, optimizer, scheduler, device) -> tuple[Path, Progress, dict | None] | None:
+        """Load the newest checkpoint that reads back whole, falling back to older ones past a damaged (truncated,
+        corrupt) one; None if there is none."""
+        for path in self.candidates():
+            try:
+                return (path, *self.load(path, model, optimizer, scheduler, device))
+            except Exception as err:  # noqa: BLE001 - any unreadable file: try the older checkpoint
+                if dist_info().main:
+                    print(f"checkpoint {path} is damaged ({type(err).__name__}: {err}); trying an older one")
+        return None
 
     def save(self, model: XCrossModel, optimizer, scheduler, progress: Progress, rng: dict) -> None:
         info = dist_info()
@@ -288,12 +305,13 @@ def make_optimizer(model: XCrossModel, config: TrainConfig, total_steps: int):
 @contextlib.contextmanager
 def _graceful_stop():
     """Turn Ctrl-C / SIGTERM into a request the loop honours between steps (after saving a checkpoint)."""
-    flag = {"stop": False}
+    flag = {"stop": False, "signal": None}
 
     def handler(signum, frame):
         if flag["stop"]:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        flag["stop"] = True
+            raise Interrupted(signum, "stopped at once by a second signal; continue with --resume (from the last "
+                                      "checkpoint)")
+        flag["stop"], flag["signal"] = True, signum
 
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -330,12 +348,16 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
 
     state = Progress()
     torch.manual_seed(config.seed + info.rank)
-    if resume and (latest := checkpoints.latest()) is not None:
-        state, rng = checkpoints.load(latest, model, optimizer, scheduler, device)
+    if resume and (found := checkpoints.resume(model, optimizer, scheduler, device)) is not None:
+        latest, state, rng = found
         if rng is not None:
             _set_rng_state(rng)
         if info.main:
             print(f"resumed from {latest} (step {state.step}/{total})")
+            if log_path.is_file():  # records a killed run wrote after this checkpoint are written again
+                kept = [line for line in log_path.read_text().splitlines(keepends=True)
+                        if line.strip() and json.loads(line)["step"] <= state.step]
+                atomic_write(log_path, "".join(kept))
     elif info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path.unlink(missing_ok=True)
@@ -427,7 +449,7 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
     if stopped:
         # The signal only set a flag, so no step was cut short: this is exactly the state after the last step.
         checkpoints.save(model, optimizer, scheduler, state, _rng_state())
-        raise KeyboardInterrupt(f"stopped at step {state.step}; continue with --resume")
+        raise Interrupted(stop["signal"] or signal.SIGINT, f"stopped at step {state.step}; continue with --resume")
     if not state.history or state.history[-1]["step"] != state.step:
         validate()
     checkpoints.save(model, optimizer, scheduler, state, _rng_state())

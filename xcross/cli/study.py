@@ -5,6 +5,7 @@ merge and ensemble, for every seed, evaluated on the same test users; writes rep
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ..runtime import keep_freed_memory
@@ -55,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"error: training diverged: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("\ninterrupted: run the same command again to continue the study", file=sys.stderr)
-        return 130
+        return 128 + getattr(err, "signum", signal.SIGINT)
     finally:
         finish_distributed()
     print(format_markdown(report))

@@ -4,6 +4,7 @@ on the target, model-selected on validation and tested. Also under torchrun."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from ..distributed import dist_info
@@ -49,8 +50,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: training diverged: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
-        print(f"\ninterrupted: {err or 'stopped; rerun with --resume to continue'}", file=sys.stderr)
-        return 130
+        print(f"\ninterrupted: {str(err) or 'stopped; rerun with --resume to continue'}", file=sys.stderr)
+        return 128 + getattr(err, "signum", signal.SIGINT)
     if dist_info().main:
         run_dir = RunDir.of(config)
         rows = comparison_rows({config.method: (EvalResult.load(run_dir.file("test_scores.npz")), {

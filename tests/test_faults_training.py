@@ -1,0 +1,147 @@
+"""Faults and bad requests around training: every out-of-range flag stops before any work with one line and exit
+code 2; resume refuses changed settings, skips damaged checkpoints and never logs a step twice; two processes
+cannot train into one run directory; SIGTERM stops cleanly with exit code 143."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train as train_cli
+from tests.pipeline_fixtures import (common_flags, interrupt_when, make_model_dir, make_world, one_thread, read_jsonl,
+                                     run_cli)
+from xcross.data import CandidateSampler, PromptBuilder, load_domain
+from xcross.lora import LoRAConfig
+from xcross.methods import build_model, trained_tensors
+from xcross.rundir import RunDir
+from xcross.settings import RunConfig
+from xcross.tokenizer import Tokenizer
+from xcross.training import TrainConfig, fit
+from xcross.weights import load_decoder
+
+TARGET = "toys"
+SMALL = dict(target=TARGET, method="lora", max_train_users=96, max_examples_per_user=1, max_eval_users=8,
+             batch_size=4, epochs=2, history_len=3, title_tokens=8, train_candidates=4, checkpoint_every=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("faults")
+    world = make_world(root / "world")
+    return {"root": root, "world": world, "model": make_model_dir(root / "model", world)}
+
+
+# Each flag, a value a user might type, and what the one-line message must name.
+BAD_FLAGS = [
+    ("--num-candidates", "1", "--num-candidates must be a whole number >= 2"),
+    ("--eval-batch-size", "-4", "--eval-batch-size must be a whole number >= 1"),
+    ("--epochs", "0", "--epochs must be a whole number >= 1"),
+    ("--max-steps", "0", "--max-steps must be a whole number >= 1"),
+    ("--batch-size", "-1", "--batch-size must be a whole number >= 1"),
+    ("--batch-size", "0", "--batch-size must be a whole number >= 1"),
+    ("--lr", "-1", "--lr must be in (0, 1000], got -1.0"),
+    ("--lr", "nan", "--lr must be in (0, 1000], got nan"),
+    ("--lr", "1e39", "--lr must be in (0, 1000], got 1e+39"),
+    ("--integrator-lr", "0", "--integrator-lr must be in (0, 1000]"),
+    ("--history-len", "0", "--history-len must be a whole number >= 1"),
+    ("--max-train-users", "0", "--max-train-users must be a whole number >= 1"),
+    ("--max-eval-users", "0", "--max-eval-users must be a whole number >= 1"),
+    ("--title-tokens", "0", "--title-tokens must be a whole number >= 1"),
+    ("--train-candidates", "1", "--train-candidates must be a whole number >= 2"),
+    ("--checkpoint-every", "0", "--checkpoint-every must be a whole number >= 1"),
+    ("--log-every", "0", "--log-every must be a whole number >= 1"),
+    ("--rank", "0", "--rank must be a whole number >= 1"),
+    ("--dropout", "1.5", "--dropout must be in [0, 1), got 1.5"),
+    ("--seed", "-1", "--seed must be a whole number >= 0"),
+    ("--device", "tpu", "--device must be auto, cpu, cuda or cuda:N"),
+    ("--beta", "nan", "--beta must be in (-inf, inf], got nan"),
+    ("--sources", "tools,tools", "--sources names a domain twice"),
+    ("--warmup", "-0.1", "--warmup is a fraction of the steps in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("flag, value, message", BAD_FLAGS, ids=[f"{f}={v}" for f, v, _ in BAD_FLAGS])
+def test_out_of_range_flags_stop_before_any_work(setup, tmp_path, capsys, flag, value, message):
+    out = tmp_path / "runs"
+    method = "merge" if flag == "--sources" else "lora"
+    code = train_cli.main([*common_flags(setup["world"], setup["model"], out, **{**SMALL, "method": method}),
+                           flag, value])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()  # nothing was written
+
+
+def _interrupted_run(setup, out: Path, signum=signal.SIGINT, **extra):
+    flags = common_flags(setup["world"], setup["model"], out, **{**SMALL, **extra})
+    run_dir = out / TARGET / "lora"
+    stopped = interrupt_when([sys.executable, "train.py", *flags], (run_dir / "ckpt" / "LATEST").is_file,
+                             signum=signum)
+    return flags, run_dir, stopped
+
+
+def test_sigterm_stops_cleanly_with_exit_code_143(setup, tmp_path):
+    _, run_dir, stopped = _interrupted_run(setup, tmp_path / "runs", signal.SIGTERM)
+    assert stopped.returncode == 143, stopped.stderr
+    assert "interrupted: stopped at step" in stopped.stderr and (run_dir / "ckpt").is_dir()
+
+
+def test_resume_refuses_changed_settings_and_names_them(setup, tmp_path):
+    flags, run_dir, stopped = _interrupted_run(setup, tmp_path / "runs")
+    assert stopped.returncode == 130, stopped.stderr
+    for changed, named in ((["--lr", "0.05"], "train.lr: 0.001 there, 0.05 here"),
+                           (["--batch-size", "16"], "train.batch_size: 4 there, 16 here")):
+        proc = run_cli("train.py", [*flags, "--resume", *changed])
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "was started with other settings" in proc.stderr and named in proc.stderr
+    assert not (run_dir / "results.json").exists()
+
+
+def test_two_processes_cannot_train_into_one_run_directory(setup, tmp_path):
+    out = tmp_path / "runs"
+    config = RunConfig(target=TARGET, method="lora", out=str(out))
+    with RunDir.of(config).lock():  # a training in progress
+        proc = run_cli("train.py", common_flags(setup["world"], setup["model"], out, **SMALL))
+    assert proc.returncode == 2 and "is training into" in proc.stderr, proc.stdout + proc.stderr
+    assert not (out / TARGET / "lora" / "log.jsonl").exists()
+
+
+def test_resume_falls_back_past_damaged_checkpoints_and_logs_each_step_once(setup, tmp_path):
+    """LATEST naming a step that is not there, and a newer checkpoint truncated by a kill: resume takes the newest
+    intact checkpoint, ends where an uninterrupted run ends, and log.jsonl holds every step once."""
+    domain = load_domain(setup["world"] / TARGET)
+    builder = PromptBuilder(Tokenizer.from_dir(setup["model"]), domain.items, title_tokens=8, history_len=3)
+    train = [e for e in domain.train if len(e.history) >= 2][:24]
+    config = TrainConfig(epochs=1, batch_size=4, lr=1e-3, train_candidates=4, checkpoint_every=2, log_every=1,
+                         eval_batch_size=8, seed=3)
+
+    def trained(run_dir, resume):
+        torch.manual_seed(0)
+        model = build_model(load_decoder(setup["model"]), "lora", lora=LoRAConfig(rank=4, alpha=8, dropout=0.0))
+        fit(model, train, domain.valid[:8], builder, CandidateSampler(domain), config, run_dir,
+            save_best=lambda path: None, resume=resume, progress=False)
+        return trained_tensors(model)
+
+    want = trained(tmp_path / "straight", False)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "straight", damaged)
+    ckpt = damaged / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000004", "step-00000006"]
+    state = ckpt / "step-00000006" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # killed while writing
+    (ckpt / "LATEST").write_text("step-00000009\n")  # names a checkpoint that was never completed
+    got = trained(damaged, True)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    steps = [r["step"] for r in read_jsonl(damaged / "log.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
