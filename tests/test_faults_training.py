@@ -145,3 +145,27 @@ def test_resume_falls_back_past_damaged_checkpoints_and_logs_each_step_once(setu
     assert all(torch.equal(got[k], want[k]) for k in want)
     steps = [r["step"] for r in read_jsonl(damaged / "log.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "cannot load the base model in"),
+    ("nan", "has non-finite weights"),
+    ("config", "cannot load the base model in"),
+])
+def test_a_damaged_base_model_is_a_one_line_error(setup, tmp_path, capsys, damage, message):
+    model = tmp_path / "model"
+    shutil.copytree(setup["model"], model)
+    weights = model / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    elif damage == "nan":
+        from safetensors.torch import load_file, save_file
+        state = load_file(weights)
+        key = sorted(state)[0]
+        state[key] = torch.full_like(state[key], float("nan"))
+        save_file(state, weights)
+    else:
+        (model / "config.json").write_text("{not json")
+    code = train_cli.main(common_flags(setup["world"], model, tmp_path / "runs", **SMALL))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err

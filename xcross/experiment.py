@@ -44,12 +44,27 @@ def device_of(config: RunConfig) -> tuple[str, torch.dtype]:
     return device, resolve_dtype(config.model.dtype, device)
 
 
+def load_base(config: RunConfig, device: str, dtype: torch.dtype):
+    """The base decoder of a prepared config; a missing, truncated or corrupt checkpoint, or weights that are not
+    finite, is a usage error naming the directory."""
+    try:
+        decoder = load_decoder(config.model.model_dir, device, dtype)
+    except Exception as err:  # noqa: BLE001 - OSError, ValueError, safetensors' own error on a damaged file
+        raise UsageError(f"cannot load the base model in {config.model.model_dir}: {type(err).__name__}: {err}") \
+            from err
+    for name, p in decoder.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise UsageError(f"the base model in {config.model.model_dir} has non-finite weights ({name}); "
+                             "convert or download it again")
+    return decoder
+
+
 def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     """A whole `xcross-train` run: the preset and checks (`prepare`), the missing source adapters trained (LoRA +
     head on each source domain), then the method trained and tested on the target. Returns the results."""
     config = prepare(config)
     device, dtype = device_of(config)
-    decoder = load_decoder(config.model.model_dir, device, dtype)
+    decoder = load_base(config, device, dtype)
     adapters = ensure_sources(config, decoder, resume, progress) if config.method in SOURCE_METHODS else []
     return train_method(config, decoder, adapters, resume, progress)
 
@@ -250,7 +265,7 @@ def evaluate_source(config: RunConfig, source: str, progress: bool = True) -> tu
                          "--method lora`")
     device, dtype = device_of(config)
     domain = load_domain(Path(config.data.data_dir) / config.target)
-    model = build_model(load_decoder(config.model.model_dir, device, dtype), "source", [path])
+    model = build_model(load_base(config, device, dtype), "source", [path])
     result = evaluate(model, eval_examples(domain, "test", config), prompt_builder(config, domain),
                       config.train.eval_batch_size, device, desc=f"source:{source}", progress=progress)
     return result, {"trainable": 0, "train_examples": 0}
@@ -288,7 +303,7 @@ def evaluate_run(config: RunConfig, run_dir: RunDir, progress: bool = True) -> t
         return EvalResult.load(run_dir.file("test_scores.npz")), described
     device, dtype = device_of(config)
     domain = load_domain(Path(config.data.data_dir) / config.target)
-    model = model_from_run(run_dir, load_decoder(config.model.model_dir, device, dtype))
+    model = model_from_run(run_dir, load_base(config, device, dtype))
     builder = PromptBuilder(Tokenizer.from_dir(config.model.model_dir), domain.items, saved.data.title_tokens,
                             saved.data.history_len)
     result = evaluate(model, eval_examples(domain, "test", config), builder, config.train.eval_batch_size, device,

@@ -412,10 +412,12 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
                 loss_value = loss.detach()
                 reduce(loss_value)
                 if not bool(torch.isfinite(loss_value) & torch.isfinite(grad_norm)):  # the step's one host sync
+                    kept = checkpoints.candidates()
                     raise TrainingDiverged(
                         f"non-finite {'loss' if not torch.isfinite(loss_value) else 'gradient'} at step {state.step} "
                         f"(epoch {state.epoch}); nothing was updated. Lower --lr/--integrator-lr or set a "
-                        "coefficient bound; the last good checkpoint is in " + str(checkpoints.root))
+                        "coefficient bound; " + (f"the last good checkpoint is {kept[0]}" if kept else
+                                                 "no checkpoint was written yet"))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
