@@ -162,7 +162,7 @@ def save_trained(model: XCrossModel, path: Path, config: RunConfig, adapters: li
         save_adapter(model, path, {"domain": config.target})
         return
     save_tensors(path, trained_tensors(model), {
-        "format": CHECKPOINT_FORMAT, "method": config.method, "adapters": [str(p) for p in adapters],
+        "format": CHECKPOINT_FORMAT, "method": config.method, "adapters": [str(Path(p).absolute()) for p in adapters],
         "lora": model.lora.to_dict() if model.lora else None, "xcross": asdict(config.model.xcross),
         "domain": config.target,
     })
@@ -280,7 +280,7 @@ def model_from_run(run_dir: RunDir, decoder) -> XCrossModel:
     if meta.get("format") == ADAPTER_FORMAT:  # a LoRA run: its adapter and head, as a source is used
         return build_model(decoder, "source", [run_dir.best])
     adapters = [Path(p) for p in meta.get("adapters", [])]
-    if missing := [str(p) for p in adapters if not p.is_file()]:
+    if missing := [str(p) for p in adapters if not p.exists()]:
         raise UsageError(f"{run_dir.path} was built on source adapters that are missing: {', '.join(missing)}")
     try:
         model = model_for(run_dir.config(), decoder, adapters)

@@ -8,7 +8,7 @@ import fcntl
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -18,9 +18,11 @@ from .settings import RunConfig, UsageError
 # Paths of a configuration that say how a run is evaluated or executed, not what it trains: a finished run is
 # reused whatever they are (evaluation re-scores it under the comparison's own settings).
 NOT_IDENTITY = ("out", "preset", "preset_reason", "train_sources", "model.device", "model.compile",
-                "data.max_eval_users", "data.num_candidates", "data.eval_seed", "train.eval_batch_size")
+                "data.max_eval_users", "data.num_candidates", "data.eval_seed", "train.eval_batch_size",
+                "train.loggers")
 # What may change when an interrupted run is resumed: where and how it executes, never what it computes.
-RESUMABLE_CHANGES = ("out", "preset", "preset_reason", "train_sources", "model.device", "model.compile")
+RESUMABLE_CHANGES = ("out", "preset", "preset_reason", "train_sources", "model.device", "model.compile",
+                     "train.loggers")
 # What a source adapter is a product of: a finished source run is reused by any run that agrees on these.
 SOURCE_IDENTITY = ("model.model_dir", "model.lora", "data", "train.seed")
 
@@ -61,9 +63,13 @@ class RunDir:
 
     @classmethod
     def load(cls, path: str | Path) -> RunDir:
-        """The run in `path`, its identity read from its config.json."""
-        config = RunConfig.from_dict(json.loads((Path(path) / "config.json").read_text()))
-        return cls.of(config)
+        """The run in `path` (wherever it now lives), its identity read from its config.json."""
+        path = Path(path)
+        config = RunConfig.from_dict(json.loads((path / "config.json").read_text()))
+        run_dir = replace(cls.of(config), out=path.parent.parent)
+        if run_dir.path.name != path.name:
+            raise UsageError(f"{path} holds the run {run_dir.name} of {config.target}: its directory was renamed")
+        return run_dir
 
     @classmethod
     def finished_runs(cls, out: str | Path, target: str) -> list[RunDir]:

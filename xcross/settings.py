@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .lora import DEFAULT_TARGETS, LoRAConfig
+from .runlog import LOGGERS
 from .methods import HEAD_INITS
 from .training import SCHEDULES, TrainConfig
 from .xcross import MIX_POINTS, XCrossConfig
@@ -207,11 +208,12 @@ def flag(path: str) -> str:
 
 _AT_LEAST = {1: ("data.history_len", "data.title_tokens", "data.max_train_users", "data.max_examples_per_user",
                  "data.max_eval_users", "data.max_valid_users", "model.lora.rank", "train.epochs", "train.max_steps", "train.batch_size",
-                 "train.eval_every", "train.checkpoint_every", "train.log_every", "train.eval_batch_size"),
+                 "train.eval_every", "train.checkpoint_every", "train.log_every", "train.eval_batch_size",
+                 "train.grad_accum", "train.patience"),
              2: ("data.num_candidates", "train.train_candidates"),
              0: ("train.seed", "data.eval_seed")}
 _OPTIONAL = {"data.max_train_users", "data.max_examples_per_user", "data.max_eval_users", "data.max_valid_users",
-             "train.max_steps",
+             "train.max_steps", "train.patience",
              "train.eval_every"}  # None: no limit / every epoch
 _CHOICES = {"method": TRAINED_METHODS, "model.xcross.mix_at": MIX_POINTS, "model.head_init": HEAD_INITS,
             "train.schedule": SCHEDULES, "model.compile": COMPILE_CHOICES, "model.dtype": DTYPES}
@@ -255,6 +257,8 @@ def _problems(config: RunConfig) -> list[str]:
     unknown = sorted(set(config.model.lora.targets) - set(DEFAULT_TARGETS))
     if unknown or not config.model.lora.targets:
         out.append(f"--lora-targets must be a non-empty subset of {', '.join(DEFAULT_TARGETS)} (got {unknown})")
+    if unknown := sorted(set(config.train.loggers) - set(LOGGERS)):
+        out.append(f"--logger must be among {', '.join(LOGGERS)} (got {', '.join(unknown)})")
     if len(set(config.sources)) != len(config.sources):
         out.append(f"--sources names a domain twice ({','.join(config.sources)}): each source is one stream")
     return out
@@ -279,6 +283,12 @@ def validate(config: RunConfig, domains: list[str]) -> RunConfig:
         raise UsageError(f"method {config.method} mixes several source streams but has {len(sources)} source "
                          f"({','.join(sources) or 'none'}); with one source use --method merge (its adapter + a "
                          "trained head), or evaluate it zero-shot with xcross-evaluate --methods source:<domain>")
+    if "tensorboard" in config.train.loggers:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            raise UsageError("--logger tensorboard needs the tensorboard package: pip install tensorboard (or "
+                             "this project's [tensorboard] extra)") from None
     stored = _stored_candidates(Path(config.data.data_dir) / config.target)
     if config.data.num_candidates > stored:
         raise UsageError(f"--num-candidates {config.data.num_candidates} > the {stored} candidates stored in the "

@@ -4,7 +4,6 @@ resumable checkpoints, model selection on validation, and multi-process data par
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import signal
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from .data import Batch, CandidateSampler, Example, PromptBuilder, collate, pack
 from .distributed import all_reduce_grads, barrier, dist_info, reduce
 from .metrics import per_user_metrics, summarise
+from .runlog import RunLog
 from .files import atomic_write, replace_path
 from .methods import CHECKPOINT_FORMAT, load_trained, trained_tensors
 from .weights import load_tensors, save_tensors
@@ -51,6 +51,9 @@ class TrainConfig:
     log_every: int = 10
     eval_batch_size: int = 8
     seed: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step: a step sees batch_size · grad_accum examples
+    patience: int | None = None  # stop after this many validations without a better one (None: never)
+    loggers: tuple[str, ...] = ()  # besides log.jsonl: "csv" (log.csv), "tensorboard" (tb/)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -202,6 +205,7 @@ class Progress:
     examples_seen: int = 0
     best_metric: float = -math.inf
     best_step: int = -1
+    since_best: int = 0  # validations since the best one (for early stopping)
     history: list = field(default_factory=list)  # validation results so far
 
 
@@ -334,17 +338,18 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
     run_dir = Path(run_dir)
     if not train:
         raise ValueError("no training examples")
+    step_size = config.batch_size * config.grad_accum  # examples per optimizer step, over all processes
     if config.batch_size % info.world:
         raise ValueError(f"batch size {config.batch_size} must be a multiple of the process count {info.world}")
     pad = builder.tokenizer.pad_id or 0
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    steps_per_epoch = math.ceil(len(train) / step_size)
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     optimizer, scheduler = make_optimizer(model, config, total)
     params = [p for _, p in model.trainable_parameters()]
     checkpoints = Checkpoints(run_dir)
-    log_path = run_dir / "log.jsonl"
+    run_log = RunLog(run_dir, config.loggers, info.main)
 
     state = Progress()
     torch.manual_seed(config.seed + info.rank)
@@ -354,18 +359,10 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
             _set_rng_state(rng)
         if info.main:
             print(f"resumed from {latest} (step {state.step}/{total})")
-            if log_path.is_file():  # records a killed run wrote after this checkpoint are written again
-                kept = [line for line in log_path.read_text().splitlines(keepends=True)
-                        if line.strip() and json.loads(line)["step"] <= state.step]
-                atomic_write(log_path, "".join(kept))
-    elif info.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log_path.unlink(missing_ok=True)
-
-    def log(record: dict) -> None:
-        if info.main:
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        run_log.start(state.step)
+    else:
+        run_log.start(None)
+    log = run_log.write
 
     valid_seconds = 0.0
 
@@ -380,10 +377,15 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
         state.history.append(record)
         log(record)
         if value > state.best_metric:
-            state.best_metric, state.best_step = value, state.step
+            state.best_metric, state.best_step, state.since_best = value, state.step, 0
             if info.main:
                 save_best(run_dir / "best.safetensors")
+        else:
+            state.since_best += 1
         barrier()
+
+    def patience_spent() -> bool:
+        return config.patience is not None and state.since_best >= config.patience
 
     model.train()
     start_time, start_step = time.perf_counter(), state.step
@@ -397,19 +399,22 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
                     stopped = True
                     break
                 b = state.batch_in_epoch
-                global_idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-                mine = global_idx[info.rank::info.world]
-                batch = training_batch(train, mine, state.epoch, builder, sampler, config.train_candidates,
-                                       config.seed, pad, length_multiple(device)).to(device)
+                global_idx = order[b * step_size:(b + 1) * step_size]
                 logged = (state.step + 1) % config.log_every == 0 or state.step + 1 == total
-                scores, coefficients = model(batch)
-                # Sum over this process's examples / global batch size: summed over processes, the mean loss.
-                loss = F.cross_entropy(scores, batch.labels, reduction="sum") / len(global_idx)
-                loss.backward()
+                loss_value = torch.zeros((), device=device)
+                for start in range(0, len(global_idx), config.batch_size):  # micro-batches of one step
+                    mine = global_idx[start:start + config.batch_size][info.rank::info.world]
+                    batch = training_batch(train, mine, state.epoch, builder, sampler, config.train_candidates,
+                                           config.seed, pad, length_multiple(device)).to(device)
+                    scores, coefficients = model(batch)
+                    # Sum over this process's examples / the step's examples: summed over micro-batches and
+                    # processes, the mean loss of the step.
+                    loss = F.cross_entropy(scores, batch.labels, reduction="sum") / len(global_idx)
+                    loss.backward()
+                    loss_value += loss.detach()
                 if info.world > 1:
                     all_reduce_grads(params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                loss_value = loss.detach()
                 reduce(loss_value)
                 if not bool(torch.isfinite(loss_value) & torch.isfinite(grad_norm)):  # the step's one host sync
                     kept = checkpoints.candidates()
@@ -427,7 +432,7 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
                 bar.update(1)
                 if logged:
                     elapsed = time.perf_counter() - start_time
-                    rate = (state.step - start_step) * config.batch_size / max(elapsed, 1e-9)
+                    rate = (state.step - start_step) * step_size / max(elapsed, 1e-9)
                     record = {"step": state.step, "epoch": state.epoch, "loss": loss_value.item(),
                               "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr(),
                               "examples_per_s": rate}
@@ -439,7 +444,9 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
                     validate()
                 if state.step % config.checkpoint_every == 0:
                     checkpoints.save(model, optimizer, scheduler, state, _rng_state())
-            if stopped:
+                if patience_spent():
+                    break
+            if stopped or patience_spent():
                 break
             if state.batch_in_epoch >= steps_per_epoch:
                 state.epoch += 1
@@ -456,7 +463,9 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
         validate()
     checkpoints.save(model, optimizer, scheduler, state, _rng_state())
     elapsed = time.perf_counter() - start_time
+    run_log.close()
     return {"steps": state.step, "epochs_completed": state.epoch, "examples_seen": state.examples_seen,
+            "stopped_early": patience_spent(),
             "train_examples": len(train), "best_step": state.best_step,
             "best_valid": {SELECTION_METRIC: state.best_metric}, "valid_history": state.history,
             "train_seconds": elapsed, "valid_seconds": valid_seconds}

@@ -4,6 +4,7 @@ configuration built from them, and the bootstrapping of the embedded defaults (d
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -55,41 +56,82 @@ FLAGS = {
     "eval_batch_size": ("train.eval_batch_size", int, "users per evaluation batch"),
     "log_every": ("train.log_every", int, "log loss and integrator statistics every N steps"),
     "seed": ("train.seed", int, "training seed: initialisation, user fraction, negatives, order (default 0)"),
+    "grad_accum": ("train.grad_accum", int, "micro-batches per optimizer step: a step sees batch-size x grad-accum "
+                                            "examples, the same update as one batch that large (default 1)"),
+    "patience": ("train.patience", int, "stop after N validations without a better one (default: never; the best "
+                                        "checkpoint is kept either way)"),
+    "lora_targets": ("model.lora.targets", lambda s: tuple(t for t in s.split(",") if t),
+                     "comma-separated projections that get adapters (default: all seven, "
+                     "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)"),
+    "logger": ("train.loggers", lambda s: tuple(t for t in s.split(",") if t),
+               "besides log.jsonl: csv (log.csv), tensorboard (tb/ event files; pip install tensorboard), or both "
+               "comma-separated"),
 }
+# The run's own flags: flag name -> dotted path.
+RUN_FLAGS = {"target": "target", "method": "method", "fraction": "fraction", "data_dir": "data.data_dir",
+             "model_dir": "model.model_dir", "out": "out", "device": "model.device", "dtype": "model.dtype",
+             "preset": "preset", "train_sources": "train_sources"}
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
-    parser.add_argument("--target", default="tools", help="target domain (default tools)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="a JSON (or TOML) file of settings, nested as a run's config.json (which is one: it "
+                             "reproduces its run); flags given on the command line override it")
+    parser.add_argument("--target", default=None, help="target domain (default tools)")
     parser.add_argument("--sources", default=None, help="comma-separated source domains (default: all others)")
     if with_method:
-        parser.add_argument("--method", default="xcross", choices=TRAINED_METHODS,
-                            help="what to train (default xcross)")
-    parser.add_argument("--fraction", type=float, default=1.0, help="seeded fraction of target training users")
-    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="processed data (default: the demo world, "
-                                                                     "generated on first use)")
+        parser.add_argument("--method", default=None, choices=TRAINED_METHODS, help="what to train (default xcross)")
+    parser.add_argument("--fraction", type=float, default=None, help="seeded fraction of target training users "
+                                                                     "(default 1)")
+    parser.add_argument("--data-dir", default=None, help="processed data (default: the demo world data/demo, "
+                                                         "generated on first use)")
     parser.add_argument("--model-dir", default=None, help="HF-layout base model (default: Gemma 3 270M, converted "
                                                           "on first use)")
-    parser.add_argument("--out", default="runs", help="runs directory (default runs/)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 where supported), float32, bfloat16")
-    parser.add_argument("--preset", default="auto", help="auto (gpu with CUDA, else cpu), none, " + ", ".join(PRESETS))
+    parser.add_argument("--out", default=None, help="runs directory (default runs/)")
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default=None, help="auto (bf16 where supported; default), float32, bfloat16")
+    parser.add_argument("--preset", default=None, help="auto (gpu with CUDA, else cpu; default), none, "
+                                                       + ", ".join(PRESETS))
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of each run")
-    parser.add_argument("--no-train-sources", dest="train_sources", action="store_false",
+    parser.add_argument("--no-train-sources", dest="train_sources", action="store_const", const=False, default=None,
                         help="fail instead of training missing source adapters")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     for name, (_, kind, text) in FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
 
 
+def read_config_file(path: Path) -> RunConfig:
+    """A `--config` file: JSON, or TOML (`.toml`, read with the standard library's tomllib)."""
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+            data = tomllib.loads(path.read_text())
+        else:
+            data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except (ValueError, ImportError) as err:  # JSONDecodeError, TOMLDecodeError; tomllib needs Python >= 3.11
+        raise UsageError(f"--config {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {err}") \
+            from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path} must hold an object of settings")
+    return RunConfig.from_dict(data)
+
+
 def config_from_args(args: argparse.Namespace, method: str | None = None) -> RunConfig:
-    """The resolved configuration: the preset first, then every flag given."""
-    base = RunConfig(target=args.target, method=method or args.method, fraction=args.fraction, out=args.out,
-                     sources=tuple(s for s in args.sources.split(",") if s) if args.sources else (),
-                     preset=args.preset, train_sources=args.train_sources)
-    base = base.with_values({"data.data_dir": args.data_dir, "model.model_dir": args.model_dir,
-                             "model.device": args.device, "model.dtype": args.dtype})
-    explicit = {path: getattr(args, name) for name, (path, _, _) in FLAGS.items() if getattr(args, name) is not None}
-    return resolve(base, explicit)
+    """The resolved configuration: the `--config` file (or the defaults), its preset where it has not been applied
+    yet, then every flag given."""
+    base = read_config_file(args.config) if args.config else RunConfig()
+    explicit = {path: getattr(args, name) for name, path in RUN_FLAGS.items() if getattr(args, name, None) is not None}
+    if method is not None:
+        explicit["method"] = method
+    if args.sources is not None:
+        explicit["sources"] = tuple(s for s in args.sources.split(",") if s)
+    explicit.update({path: getattr(args, name) for name, (path, _, _) in FLAGS.items()
+                     if getattr(args, name) is not None})
+    # Where the run executes comes first: the automatic preset depends on the device.
+    placed = base.with_values({k: v for k, v in explicit.items() if k in ("preset", "model.device")})
+    return resolve(placed, explicit)
 
 
 def bootstrap(config: RunConfig) -> None:
