@@ -6,8 +6,10 @@ from .data import (Batch, CandidateSampler, Domain, Example, PromptBuilder, Prom
                    collate_unpacked, load_domain, pack)
 from .lora import LoRAConfig, LoRALinear
 from .methods import build_model, load_trained, parameter_report, read_adapter, save_adapter, trained_tensors
-from .metrics import per_user_metrics, rank_metrics
+from .inspection import inspect_run
+from .metrics import paired_difference, per_user_metrics, rank_metrics
 from .model import Decoder
+from .recommender import Recommender
 from .runtime import keep_freed_memory
 from .settings import DataConfig, ModelConfig, RunConfig
 from .tokenizer import Tokenizer
@@ -18,8 +20,8 @@ from .xcross import Integrator, ScoringHead, XCrossConfig, XCrossModel
 __all__ = [
     "Batch", "CandidateSampler", "DataConfig", "Decoder", "Domain", "EvalResult", "Example", "Gemma3Config",
     "Integrator", "LlamaConfig", "LoRAConfig", "LoRALinear", "ModelConfig", "PromptBuilder", "PromptTemplate",
-    "RunConfig", "ScoringHead", "Tokenizer", "TrainConfig", "XCrossConfig", "XCrossModel", "build_model", "collate",
-    "collate_unpacked", "evaluate", "fit", "keep_freed_memory", "load_config", "load_decoder", "load_domain",
-    "load_tensors", "load_trained", "pack", "parameter_report", "per_user_metrics", "rank_metrics", "read_adapter",
+    "Recommender", "RunConfig", "ScoringHead", "Tokenizer", "TrainConfig", "XCrossConfig", "XCrossModel", "build_model", "collate",
+    "collate_unpacked", "evaluate", "fit", "inspect_run", "keep_freed_memory", "load_config", "load_decoder", "load_domain",
+    "load_tensors", "load_trained", "pack", "paired_difference", "parameter_report", "per_user_metrics", "rank_metrics", "read_adapter",
     "save_adapter", "save_tensors", "trained_tensors",
 ]

@@ -151,6 +151,23 @@ class PromptBuilder:
     def candidate(self, item: str) -> list[int]:
         return self.titles[item] + self.end
 
+    # The same prompts from titles given as text (items outside any processed domain): `prefix_of_titles(texts)`
+    # equals `prefix(ids)` and `candidates_of_titles(texts)` equals `[candidate(id) …]` when the texts are the ids'
+    # titles.
+
+    def encode_titles(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of titles, each cut to `title_tokens` as the domain's own titles are."""
+        return [ids[: self.title_tokens] for ids in self.tokenizer.encode_batch(list(texts))]
+
+    def prefix_of_titles(self, texts: list[str]) -> list[int]:
+        ids = list(self.header)
+        for title in self.encode_titles(texts[-self.history_len:]):
+            ids += title + self.sep
+        return ids + self.question
+
+    def candidates_of_titles(self, texts: list[str]) -> list[list[int]]:
+        return [title + self.end for title in self.encode_titles(texts)]
+
     def max_length(self, num_candidates: int) -> int:
         """The longest packed sequence this builder can produce: a known bound, from the title budget."""
         title = self.title_tokens
