@@ -4,6 +4,7 @@ from a preset and validated once, before any work; saved as the run's `config.js
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -283,12 +284,9 @@ def validate(config: RunConfig, domains: list[str]) -> RunConfig:
         raise UsageError(f"method {config.method} mixes several source streams but has {len(sources)} source "
                          f"({','.join(sources) or 'none'}); with one source use --method merge (its adapter + a "
                          "trained head), or evaluate it zero-shot with xcross-evaluate --methods source:<domain>")
-    if "tensorboard" in config.train.loggers:
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError:
-            raise UsageError("--logger tensorboard needs the tensorboard package: pip install tensorboard (or "
-                             "this project's [tensorboard] extra)") from None
+    if "tensorboard" in config.train.loggers and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--logger tensorboard needs the tensorboard package: pip install tensorboard (or "
+                         "this project's [tensorboard] extra)")
     stored = _stored_candidates(Path(config.data.data_dir) / config.target)
     if config.data.num_candidates > stored:
         raise UsageError(f"--num-candidates {config.data.num_candidates} > the {stored} candidates stored in the "
