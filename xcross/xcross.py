@@ -39,8 +39,8 @@ class Integrator(nn.Module):
     z = W [ρ(h_1); …; ρ(h_n)] + b, with z = (z¹, z²), each n·(n−1) coefficients for the ordered pairs m ≠ m'
     h'_m = h_m + Σ_{m'≠m} β z¹_{m,m'} h_{m'} + γ z²_{m,m'} (h_m − h_{m'})
 
-    ρ is a parameter-free RMS normalisation: Gemma's residual stream reaches magnitudes near 80, and with raw h as
-    input the coefficients grow with it (training diverged on real data). W and b start at zero: an untrained
+    ρ is a parameter-free RMS normalisation: Gemma 3 270M's residual stream grows from an RMS of ~7 after its first
+    block to ~1500 after its last, and with raw h as input the coefficients grow with it (training diverged). W and b start at zero: an untrained
     integrator leaves every stream as it is.
     """
 
