@@ -9,6 +9,7 @@ from .methods import build_model, load_trained, parameter_report, read_adapter, 
 from .inspection import inspect_run
 from .metrics import paired_difference, per_user_metrics, rank_metrics
 from .model import Decoder
+from .peft import export_peft, read_peft_adapter
 from .recommender import Recommender
 from .runtime import keep_freed_memory
 from .settings import DataConfig, ModelConfig, RunConfig
@@ -21,7 +22,7 @@ __all__ = [
     "Batch", "CandidateSampler", "DataConfig", "Decoder", "Domain", "EvalResult", "Example", "Gemma3Config",
     "Integrator", "LlamaConfig", "LoRAConfig", "LoRALinear", "ModelConfig", "PromptBuilder", "PromptTemplate",
     "Recommender", "RunConfig", "ScoringHead", "Tokenizer", "TrainConfig", "XCrossConfig", "XCrossModel", "build_model", "collate",
-    "collate_unpacked", "evaluate", "fit", "inspect_run", "keep_freed_memory", "load_config", "load_decoder", "load_domain",
-    "load_tensors", "load_trained", "pack", "paired_difference", "parameter_report", "per_user_metrics", "rank_metrics", "read_adapter",
+    "collate_unpacked", "evaluate", "export_peft", "fit", "inspect_run", "keep_freed_memory", "load_config", "load_decoder", "load_domain",
+    "load_tensors", "load_trained", "pack", "paired_difference", "parameter_report", "per_user_metrics", "rank_metrics", "read_adapter", "read_peft_adapter",
     "save_adapter", "save_tensors", "trained_tensors",
 ]

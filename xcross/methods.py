@@ -35,8 +35,20 @@ def base_signature(decoder: Decoder) -> dict:
             "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim}
 
 
+def is_peft_directory(path: str | Path) -> bool:
+    """Whether `path` is a PEFT LoRA directory (it holds adapter_config.json) rather than an adapter file."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
 def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
-    """(adapter tensors, head tensors, config) of a source-adapter file."""
+    """(adapter tensors, head tensors, config) of a source-adapter file, or of a PEFT LoRA directory
+    (`xcross.peft.read_peft_adapter`: its head tensors are empty unless xcross exported it)."""
+    if is_peft_directory(path):
+        from .peft import read_peft_adapter  # deferred: xcross.peft builds on this module
+        return read_peft_adapter(path)
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a directory but not a PEFT adapter (no adapter_config.json); an xcross adapter "
+                         "is a .safetensors file")
     tensors, config = load_tensors(path)
     if config.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path} is not an xcross adapter file (format {config.get('format')!r})")
@@ -94,7 +106,8 @@ def build_model(
       nothing trainable (zero-shot); "merge": the mean of the sources' deltas as one adapter + a head;
       "ensemble": the n source streams unmixed (z ≡ 0), w and a head; "xcross": the n streams, integrators, w, head.
     `head_init`: with source adapters the head starts as the mean of the sources' heads ("sources") or as a new
-    head that scores every candidate equally ("fresh"); a "lora" or "head" run always starts fresh.
+    head that scores every candidate equally ("fresh"); a "lora" or "head" run always starts fresh. Sources without
+    a head (a PEFT adapter) are left out of the mean; with none, the head starts fresh.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -119,8 +132,8 @@ def build_model(
         model = XCrossModel(decoder, max(len(loaded), 1), lora, config, integrate=method != "ensemble")
         if loaded:
             set_adapters(model.decoder, [a for a, _, _ in loaded])
-    if loaded and (head_init == "sources" or method == "source"):
-        heads = [h for _, h, _ in loaded]
+    heads = [h for _, h, _ in loaded if h]  # a PEFT adapter brings no head: the mean is over those that do
+    if heads and (head_init == "sources" or method == "source"):
         mean = {k.removeprefix("head."): torch.stack([h[k] for h in heads]).mean(0) for k in heads[0]}
         model.head.load_state_dict(mean)
     model.set_trainable(TRAINED_GROUPS[method])
