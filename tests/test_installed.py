@@ -62,9 +62,13 @@ def installed(tmp_path_factory) -> dict[str, Path]:
     """The wheel and a fresh venv holding only it; a .pth then makes this interpreter's site-packages (torch,
     numpy, ...) importable there without network. Only its lines are appended to sys.path: the .pth files inside
     (this environment's editable finder of xcross) are not processed."""
-    for module in ("venv", "ensurepip", "pip"):
+    # pip is looked for in a subprocess: finding its spec in this process would make setuptools' distutils shim
+    # switch itself off for good, and a later `import setuptools` (torch.compile's C++ build) then fails.
+    for module in ("venv", "ensurepip"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"needs `python -m venv` with pip: {sys.executable} has no {module} module")
+    if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0:
+        pytest.skip(f"needs pip: {sys.executable} -m pip does not run")
     root = tmp_path_factory.mktemp("installed")
     assert not root.resolve().is_relative_to(REPO)
     env = outside_env()
