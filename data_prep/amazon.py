@@ -21,12 +21,13 @@ from data_prep.pipeline import (
     RawDomain,
     Tally,
     add_pipeline_arguments,
-    check_domain_name,
     config_from_args,
     describe_source,
+    prepare_destination,
     prepare_domain,
     read_lines,
     require_files,
+    require_records,
     run_cli,
     string_field,
     time_field,
@@ -67,23 +68,21 @@ def parse_record(text: str, literal: bool) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def first_record(path: Path) -> dict | None:
-    """The first parseable record of a file, as JSON or a Python literal; None if there is none."""
+def first_line(path: Path, what: str) -> str:
+    """The first non-blank line of a file; an empty file is an error that names it."""
     for _, text in read_lines(path, Tally(), progress=False):
         if text.strip():
-            return parse_record(text, literal=True)
-    return None
+            return text
+    raise DataError(f"{path}: the {what} file is empty")
 
 
 def detect_release(reviews: Path, meta: Path) -> str:
     """The release from the first records: 2023 names its fields user_id/parent_asin; 2014 metadata is no JSON."""
-    review = first_record(reviews)
+    review = parse_record(first_line(reviews, "reviews"), literal=True)
     if review is not None and "parent_asin" in review:
         return "2023"
     if review is not None and "reviewerID" in review:
-        for _, text in read_lines(meta, Tally(), progress=False):
-            if text.strip():
-                return "2018" if parse_record(text, literal=False) is not None else "2014"
+        return "2018" if parse_record(first_line(meta, "metadata"), literal=False) is not None else "2014"
     raise DataError(f"cannot tell the release of {reviews} from its first record; pass --format 2014, 2018 or 2023")
 
 
@@ -141,8 +140,8 @@ def import_amazon(
     ...               domain="toys", out_dir="data/amazon23")  # doctest: +SKIP
     """
     reviews, meta, out_dir = Path(reviews), Path(meta), Path(out_dir)
-    check_domain_name(domain)
     require_files(reviews, meta)
+    prepare_destination(out_dir, domain, (reviews, meta))
     if release == "auto":
         release = detect_release(reviews, meta)
     if release not in RELEASES:
@@ -152,6 +151,7 @@ def import_amazon(
     # Reviews first: then only the titles of items someone reviewed are kept from a metadata file of millions.
     read_reviews(reviews, fields, raw)
     read_metadata(meta, fields, raw)
+    require_records(raw, reviews, meta)
     sources = [describe_source(reviews, "reviews", out_dir), describe_source(meta, "meta", out_dir)]
     return prepare_domain(
         raw, domain=domain, out_dir=out_dir, config=config, source_format=f"amazon-{release}", sources=sources,

@@ -21,7 +21,8 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from xcross.files import atomic_directory
+from data_prep.outputs import replace_refusal
+from xcross.files import atomic_directory, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,15 @@ def convert(out_dir: str | Path | None = None, gguf_path: str | Path | None = No
     """
     out_dir = Path(out_dir) if out_dir is not None else default_model_dir()
     out_dir = out_dir.expanduser().absolute()
+    remove_stale_temporaries(out_dir)  # what killed conversions left: a partial build is 1 GB
     gguf_path, sha256 = _locate_gguf(gguf_path)
     if not force and _is_current(out_dir, sha256):
         log.info("%s already holds this conversion (gguf sha256 %s..., converter v%s); nothing to do "
                  "(--force rebuilds it)", out_dir, sha256[:12], CONVERTER_VERSION)
         return out_dir
-    _check_replaceable(out_dir)
+    # A rebuild deletes the old directory, so only ever replace what this converter wrote.
+    if refusal := replace_refusal(out_dir, "conversion.json", "converter_version", [gguf_path] if gguf_path else []):
+        raise ConversionError(refusal)
     gguf = _import("gguf")
     if gguf_path is None:
         gguf_path = Path(_import(GGUF_PACKAGE).assemble())  # verifies the sha256 we already recorded
@@ -145,15 +149,6 @@ def _is_current(out_dir: Path, sha256: str) -> bool:
         return False
     return (record.get("gguf_sha256") == sha256 and record.get("converter_version") == CONVERTER_VERSION
             and all((out_dir / name).is_file() for name in OUTPUT_FILES))
-
-
-def _check_replaceable(out_dir: Path) -> None:
-    # A rebuild deletes the old directory, so only ever replace what this converter wrote.
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConversionError(f"{out_dir} exists and is not a directory")
-    if out_dir.exists() and not (out_dir / "conversion.json").is_file() and any(out_dir.iterdir()):
-        raise ConversionError(f"{out_dir} exists and is not a converted model directory (no conversion.json); "
-                              "refusing to replace it: remove it or choose another --out")
 
 
 def _write_json(path: Path, obj: dict) -> None:

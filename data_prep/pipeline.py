@@ -21,8 +21,9 @@ from typing import Callable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from data_prep.outputs import replace_refusal
 from xcross.data import TooFewItems, sample_candidates
-from xcross.files import atomic_directory
+from xcross.files import atomic_directory, remove_stale_temporaries
 
 FORMAT_VERSION = 1
 
@@ -48,7 +49,13 @@ FILTERS = (
     "kcore_interactions",
 )
 
-_TAG = re.compile(r"<[^<>]*>")
+# A real tag has a name right after "<" or "</"; "Size < 5 and > 3 mm" holds none.
+_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
+# Entities end with ";": html.unescape alone also expands legacy names without one ("Sticky &notes").
+_ENTITY = re.compile(r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")
+# A plain decimal number: float() also takes "1000_0", "nan" and non-ASCII digits.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+TIME_HINT = "timestamps must be numbers, Unix time in seconds or milliseconds"
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -87,16 +94,29 @@ class Tally:
     def __init__(self, strict: bool = False):
         self.strict = strict
         self.counts: Counter[str] = Counter()
+        self.by_file: Counter[tuple[str, str]] = Counter()  # (kind, file name) -> count
+        self.examples: dict[tuple[str, str], str] = {}  # (kind, file name) -> where and what its first record was
 
     def problem(self, kind: str, where: str, detail: str, count: int = 1) -> None:
         assert kind in PROBLEMS, kind
         self.counts[kind] += count
+        key = (kind, where.partition(":")[0])
+        self.by_file[key] += count
+        self.examples.setdefault(key, f"{where}: {detail}")
         if self.strict:
             raise DataError(f"{where}: {detail} [{kind}]; fix the input or drop --strict to skip and count such records")
 
     def drop(self, kind: str, count: int = 1) -> None:
         assert kind in FILTERS, kind
         self.counts[kind] += count
+
+    def summary(self) -> str:
+        return ", ".join(f"{kind}={n}" for kind, n in sorted(self.counts.items()) if n) or "nothing"
+
+    def commonest_example(self, file: str) -> str:
+        """The first record of the commonest problem in `file`, to name a cause rather than a symptom."""
+        keys = [key for key in self.examples if key[1] == file]
+        return self.examples[max(keys, key=self.by_file.__getitem__)] if keys else "none"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,10 +129,12 @@ def require_files(*paths: Path) -> None:
             raise DataError(f"input file not found: {path}; check the path")
 
 
-def read_lines(path: Path, tally: Tally, progress: bool = True) -> Iterator[tuple[int, str]]:
+def read_lines(path: Path, tally: Tally, progress: bool = True, header: bool = False) -> Iterator[tuple[int, str]]:
     """Yield (line number, text) from a plain or gzipped file, streamed; gzip is detected by its magic bytes.
 
-    A line that is not UTF-8 is skipped and counted; a damaged gzip stream ends the file (the lines before it count).
+    A line that is not UTF-8 is skipped and counted, except a `header` line, which is an error: skipped, the first
+    data row would be taken for the header. A UTF-16 file is an error. A damaged gzip stream ends the file (the
+    lines before it count).
     """
     path = Path(path)
     size = path.stat().st_size
@@ -127,9 +149,14 @@ def read_lines(path: Path, tally: Tally, progress: bool = True) -> Iterator[tupl
             for lineno, line in enumerate(stream, 1):
                 if lineno % 16384 == 0:
                     bar.update(raw.tell() - bar.n)
+                if lineno == 1 and (line.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in line):
+                    raise DataError(f"{path}: the file is UTF-16 (or binary), not UTF-8 text; save it as UTF-8")
                 try:
                     text = line.decode("utf-8")
                 except UnicodeDecodeError as err:
+                    if lineno == 1 and header:
+                        raise DataError(f"{path}:1: the header is not valid UTF-8 (byte {err.start}); "
+                                        "save the file as UTF-8") from None
                     tally.problem("invalid_utf8", f"{path.name}:{lineno}", f"invalid UTF-8 at byte {err.start}")
                     continue
                 if lineno == 1 and text.startswith("\ufeff"):  # a byte-order mark from spreadsheet exports
@@ -147,7 +174,7 @@ def parse_timestamp(value: object) -> float | None:
     try:
         if isinstance(value, (int, float)):
             number = float(value)
-        elif isinstance(value, str):
+        elif isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
             number = float(value.strip())
         else:
             return None
@@ -157,16 +184,14 @@ def parse_timestamp(value: object) -> float | None:
 
 
 def clean_title(raw: str) -> tuple[str, bool]:
-    """Return the title without HTML tags and entities, whitespace normalised, and whether it carried HTML."""
+    """Return the title without HTML tags and entities, whitespace normalised, and whether it carried HTML.
+
+    The raw text's tags are stripped first, then its entities decoded once: what an entity spells ("&lt;b&gt;") is
+    the seller's literal text and stays. A "<" or "&" that starts no tag or entity is text too.
+    """
     text = _TAG.sub(" ", raw) if "<" in raw else raw
-    # Amazon metadata is sometimes escaped twice ("&amp;amp;"), so unescape until nothing changes.
-    for _ in range(3):
-        if "&" not in text:
-            break
-        unescaped = html.unescape(text)
-        if unescaped == text:
-            break
-        text = unescaped
+    if "&" in text:
+        text = _ENTITY.sub(lambda entity: html.unescape(entity.group()), text)
     return " ".join(text.split()), text != raw
 
 
@@ -243,8 +268,16 @@ def time_field(record: dict, key: str, tally: Tally, where: str) -> float | None
         return None
     time = parse_timestamp(value)
     if time is None:
-        tally.problem("wrong_types", where, f"{key!r} is not a number: {str(value)[:40]!r}")
+        tally.problem("wrong_types", where, f"{key!r} is not a number: {str(value)[:40]!r} ({TIME_HINT})")
     return time
+
+
+def require_records(raw: RawDomain, interactions: Path, items: Path) -> None:
+    """Name an input that held no records at all, rather than reporting an empty result of the other one."""
+    for path, count, what in ((interactions, raw.interaction_records, "interaction"),
+                              (items, raw.item_records, "item")):
+        if count == 0:
+            raise DataError(f"{path}: the file holds no {what} records")
 
 
 def describe_source(path: Path, role: str, out_dir: Path) -> dict:
@@ -295,6 +328,10 @@ def prepare_domain(
 ) -> dict:
     """Filter, split and write `raw` to `<out_dir>/<domain>/`; return the meta dict written there as meta.json."""
     tally = raw.tally
+    if len(raw.users) == 0:  # every record was bad: its commonest fault is the cause, not the k-core
+        raise DataError(
+            f"{interactions_name}: none of its {raw.interaction_records} records is a usable interaction (dropped "
+            f"{tally.summary()}); e.g. {tally.commonest_example(interactions_name)}")
     users = np.frombuffer(raw.users, dtype=np.int32)
     items = np.frombuffer(raw.items, dtype=np.int32)
     times = np.frombuffer(raw.times, dtype=np.float64)
@@ -316,6 +353,11 @@ def prepare_domain(
         )
     tally.drop("interactions_of_untitled_items", int((item_status == 2).sum()))
     keep = item_status == 1
+    if not keep.any():
+        raise DataError(
+            f"no interactions left in {domain!r}: none of its {len(items)} interactions names a titled item "
+            f"({int(unknown.sum())} name no item record, {int((item_status == 2).sum())} an untitled item); check "
+            "that both files are of the same domain")
     users, items, times = users[keep], items[keep], times[keep]
 
     # Chronological per user; lexsort is stable, so equal timestamps keep their input order.
@@ -343,10 +385,10 @@ def prepare_domain(
     tally.drop("kcore_items", len(np.unique(items)) - len(np.unique(items[survive])))
     users, items = users[survive], items[survive]
     if len(users) == 0:
-        dropped = ", ".join(f"{kind}={n}" for kind, n in sorted(tally.counts.items()) if n) or "nothing"
         raise DataError(
             f"no interactions left in {domain!r} after {config.k_core}-core filtering (read "
-            f"{raw.interaction_records} interaction records; dropped {dropped}); supply more data or lower --k-core"
+            f"{raw.interaction_records} interaction records; dropped {tally.summary()}); supply more data or lower "
+            "--k-core"
         )
 
     # Item ids are renumbered in sorted order, so candidate draws do not depend on the input's order.
@@ -364,6 +406,8 @@ def prepare_domain(
     rng = domain_rng(config.seed, domain)
     counts = {"train_examples": 0, "valid_examples": 0, "test_examples": 0}
     h, c = config.max_history, config.num_candidates
+    if refusal := replace_refusal(Path(out_dir) / domain, "meta.json", "format_version"):  # changed while we read
+        raise DataError(refusal)
     with atomic_directory(Path(out_dir) / domain) as tmp, \
             open(tmp / "train.jsonl", "w", encoding="utf-8", newline="\n") as train, \
             open(tmp / "valid.jsonl", "w", encoding="utf-8", newline="\n") as valid, \
@@ -419,6 +463,17 @@ def check_domain_name(domain: str) -> str:
     return domain
 
 
+def prepare_destination(out_dir: Path, domain: str, inputs: tuple[Path, ...]) -> Path:
+    """Check, before any input is read, that `<out_dir>/<domain>` may be written and replaced, and clear what killed
+    imports left beside it; return it. A replace deletes the old directory, so it must be one an import wrote."""
+    check_domain_name(domain)
+    dest = Path(out_dir) / domain
+    if refusal := replace_refusal(dest, "meta.json", "format_version", inputs):
+        raise DataError(refusal)
+    remove_stale_temporaries(dest)
+    return dest
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command lines
 
@@ -463,6 +518,9 @@ def run_cli(job: Callable[[], list[tuple[dict, Path]]]) -> int:
     try:
         results = job()
     except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an unreadable input, a full disk: the system's own words, on one line
         print(f"error: {err}", file=sys.stderr)
         return 2
     for meta, out_dir in results:

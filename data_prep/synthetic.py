@@ -13,16 +13,18 @@ import argparse
 import csv
 import json
 import math
-import tempfile
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from data_prep.outputs import replace_refusal
 from data_prep.pipeline import DataError, PrepConfig, add_pipeline_arguments, config_from_args, run_cli
 from data_prep.tabular import import_csv
-from xcross.files import replace_path
+from xcross.files import remove_stale_temporaries, replace_path
 
 DOMAINS = ("toys", "tools", "electronics", "sports")
 
@@ -246,13 +248,22 @@ def generate_world(
     >>> metas = generate_world("data/demo")  # doctest: +SKIP
     >>> metas["tools"]["counts"]["users"]  # doctest: +SKIP
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()
     prep = prep or PrepConfig(seed=world.seed)
+    # Each entry replaced deletes what was there: only a world's raw/ (its world.json) or a domain an import wrote.
+    markers = [("raw", "world.json", "users_per_domain")] + [(d, "meta.json", "format_version") for d in world.domains]
+    for entry, marker, key in markers:
+        if refusal := replace_refusal(out_dir / entry, marker, key):
+            raise DataError(refusal)
+        remove_stale_temporaries(out_dir / entry)
+    remove_stale_temporaries(out_dir)
     # Built whole beside the destination, then moved in entry by entry (what else `out_dir` holds stays), so a crash
     # never leaves half a world that a later run would take for a finished one.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent) as tmp:
-        tmp = Path(tmp)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")  # a name remove_stale_temporaries knows
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
         write_raw_world(tmp, world)
         metas = {}
         for domain in world.domains:
@@ -262,6 +273,8 @@ def generate_world(
         out_dir.mkdir(exist_ok=True)
         for entry in ["raw", *world.domains]:
             replace_path(tmp / entry, out_dir / entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return metas
 
 

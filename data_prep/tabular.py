@@ -11,6 +11,7 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import csv
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -19,58 +20,101 @@ from data_prep.pipeline import (
     PrepConfig,
     RawDomain,
     Tally,
+    TIME_HINT,
     add_pipeline_arguments,
-    check_domain_name,
     config_from_args,
     describe_source,
     parse_timestamp,
+    prepare_destination,
     prepare_domain,
     read_lines,
     require_files,
+    require_records,
     run_cli,
 )
 
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 ITEM_COLUMNS = ("item_id", "title")
+# A quoted title may hold a few line breaks; a quoted field running on for longer is taken for a stray quote.
+MAX_RECORD_LINES = 16
+# The csv module refuses fields over 131,072 characters; a line is read whole anyway, so a long title is kept.
+FIELD_SIZE_LIMIT = 2**31 - 1
 
 
-def csv_rows(path: Path, columns: tuple[str, ...], tally: Tally) -> Iterator[tuple[str, list[str] | None]]:
+def parse_csv_record(lines: list[str]) -> tuple[list[str] | None, str | None]:
+    """(the row, None) when `lines` hold one complete CSV record; (None, None) when its quoted field runs on past
+    them; (None, why) when it cannot parse."""
+    wanted_more = False
+
+    def feed() -> Iterator[str]:
+        nonlocal wanted_more
+        yield from lines
+        wanted_more = True
+
+    try:
+        row = next(csv.reader(feed(), strict=True), [])
+    except csv.Error as err:
+        return None, None if wanted_more else str(err)
+    return (None, None) if wanted_more else (row, None)
+
+
+def csv_records(path: Path, tally: Tally, max_lines: int) -> Iterator[tuple[int, list[str] | None, str | None]]:
+    """Yield (first line number, row, None), or (line, None, why) for a record that does not parse; a record may
+    span at most `max_lines` lines. A quoted field still open then (a stray quote) is one bad record at the line
+    where it opened, and reading resumes on the next line, so the quote swallows nothing after it."""
+    lines = iter(read_lines(path, tally, header=True))
+    pending: deque[tuple[int, str]] = deque()  # lines taken into a record that failed, to be read again
+    while True:
+        start = pending.popleft() if pending else next(lines, None)
+        if start is None:
+            return
+        record = [start]
+        while True:
+            row, why = parse_csv_record([text for _, text in record])
+            if row is not None or why is not None:
+                break
+            if len(record) == max_lines:
+                within = "on its line" if max_lines == 1 else f"within {max_lines} lines"
+                why = f"a quoted field opened here is not closed {within}: a stray '\"'?"
+                break
+            following = pending.popleft() if pending else next(lines, None)
+            if following is None:
+                why = "a quoted field opened here is not closed before the end of the file: a stray '\"'?"
+                break
+            record.append(following)
+        if row is None:
+            pending.extendleft(reversed(record[1:]))
+        yield record[0][0], row, why
+
+
+def csv_rows(path: Path, columns: tuple[str, ...], tally: Tally,
+             max_lines: int = MAX_RECORD_LINES) -> Iterator[tuple[str, list[str] | None]]:
     """Yield ("file:line", [values of `columns`]) for each non-blank row, None in place of the values of a bad row
     (already counted).
 
     The header must name every column in `columns` (in any order; extra columns are ignored).
     """
-    line = 0
-
-    def texts() -> Iterator[str]:
-        # csv.reader pulls lines itself (a quoted title may span lines), so the file's line number is kept here.
-        nonlocal line
-        for line, text in read_lines(path, tally):
-            yield text
-
-    reader = csv.reader(texts(), strict=True)
-    try:
-        header = [name.strip() for name in next(reader)]
-    except StopIteration:
-        raise DataError(f"{path}: the file is empty; expected the header {','.join(columns)}") from None
-    except csv.Error as err:
-        raise DataError(f"{path}: unreadable header ({err}); expected {','.join(columns)}") from None
+    csv.field_size_limit(max(csv.field_size_limit(), FIELD_SIZE_LIMIT))
+    records = csv_records(path, tally, max_lines)
+    first = next(records, None)
+    if first is None:
+        raise DataError(f"{path}: the file is empty; expected the header {','.join(columns)}")
+    _, header, why = first
+    if why is not None:
+        raise DataError(f"{path}:1: unreadable header ({why}); expected {','.join(columns)}")
+    header = [name.strip() for name in header]
     missing = [name for name in columns if name not in header]
     if missing:
         raise DataError(f"{path}: the header {','.join(header)!r} lacks {missing}; expected {','.join(columns)}")
     picks = [header.index(name) for name in columns]
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as err:
-            tally.problem("malformed_lines", f"{path.name}:{line}", f"unparseable CSV ({err})")
-            yield f"{path.name}:{line}", None
+    for line, row, why in records:
+        where = f"{path.name}:{line}"
+        if why is not None:
+            tally.problem("malformed_lines", where, f"unparseable CSV ({why})")
+            yield where, None
             continue
         if not row or row == [""]:  # a blank line
             continue
-        where = f"{path.name}:{line}"
         if len(row) != len(header):
             tally.problem("malformed_lines", where, f"{len(row)} fields where the header has {len(header)}")
             yield where, None
@@ -80,7 +124,8 @@ def csv_rows(path: Path, columns: tuple[str, ...], tally: Tally) -> Iterator[tup
 
 def read_interactions(path: Path, raw: RawDomain) -> None:
     tally = raw.tally
-    for where, values in csv_rows(path, INTERACTION_COLUMNS, tally):
+    # No id or timestamp holds a line break, so a quoted field that runs past its line is a stray quote.
+    for where, values in csv_rows(path, INTERACTION_COLUMNS, tally, max_lines=1):
         raw.interaction_records += 1
         if values is None:
             continue
@@ -90,7 +135,7 @@ def read_interactions(path: Path, raw: RawDomain) -> None:
             continue
         time = parse_timestamp(stamp)
         if time is None:
-            tally.problem("wrong_types", where, f"timestamp {stamp[:40]!r} is not a number")
+            tally.problem("wrong_types", where, f"timestamp {stamp[:40]!r} is not a number ({TIME_HINT})")
             continue
         raw.add_interaction(user, item, time)
 
@@ -121,11 +166,12 @@ def import_csv(
     >>> meta["counts"]["users"]  # doctest: +SKIP
     """
     interactions, items, out_dir = Path(interactions), Path(items), Path(out_dir)
-    check_domain_name(domain)
     require_files(interactions, items)
+    prepare_destination(out_dir, domain, (interactions, items))
     raw = RawDomain(Tally(config.strict))
     read_interactions(interactions, raw)
     read_items(items, raw)
+    require_records(raw, interactions, items)
     sources = [describe_source(interactions, "interactions", out_dir), describe_source(items, "items", out_dir)]
     return prepare_domain(
         raw, domain=domain, out_dir=out_dir, config=config, source_format="csv", sources=sources,

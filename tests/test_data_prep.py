@@ -309,8 +309,8 @@ def test_same_seed_same_bytes(tmp_path):
 
 def test_rerun_replaces_output_and_leaves_no_temp(tmp_path):
     interactions, items = write_csv_pair(tmp_path / "raw")
-    (tmp_path / "out" / "toys").mkdir(parents=True)
-    (tmp_path / "out" / "toys" / "stale.txt").write_text("old")
+    import_csv(interactions, items, domain="toys", out_dir=tmp_path / "out", config=SMALL)
+    (tmp_path / "out" / "toys" / "stale.txt").write_text("old")  # inside a domain an import wrote: replaced
     (tmp_path / "out" / "other").mkdir()
     import_csv(interactions, items, domain="toys", out_dir=tmp_path / "out", config=SMALL)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["other", "toys"]

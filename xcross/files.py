@@ -4,6 +4,7 @@ temporary name, then rename into place. Every writer of the project goes through
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -82,3 +83,46 @@ def atomic_directory(dest: str | Path) -> Iterator[Path]:
                 break
         raise
     replace_path(tmp, dest)
+
+
+# The temporaries' names: `.NAME.tmp-PID` (atomic_directory's build) and `.NAME.old-PID` (replace_path's previous
+# version, deleted once the new one is in place).
+def _temporary_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"\.{re.escape(name)}\.(?:tmp|old)-(\d+)")
+
+
+def remove_stale_temporaries(dest: Path) -> list[Path]:
+    """Delete the temporaries beside `dest` left by runs that were killed (their process is gone); return them.
+
+    Call it before this run creates its own: a temporary with this process's id is then one from an earlier process
+    that had the same id. A live process's temporaries are left alone, so a concurrent run is not disturbed.
+    """
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    pattern = _temporary_pattern(dest.name)
+    removed = []
+    for path in dest.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OverflowError:
+        return False
+    return True
