@@ -146,10 +146,10 @@ PRESETS = {
     "gpu": {"data.history_len": 10, "data.title_tokens": 24, "data.max_eval_users": 2000, "train.batch_size": 32,
             "train.epochs": 1, "train.train_candidates": 8, "train.checkpoint_every": 200, "train.log_every": 20,
             "train.eval_batch_size": 32},
-    # The study preset: measured on this 2-core CPU to fit one arrangement's whole study (two sources; LoRA and
-    # X-Cross at five fractions, merge, ensemble, every method tested) in about two hours (README, "Study").
+    # The study preset for a 2-core CPU: the 384 test users a decision needs at least, 64 validation users (one
+    # validation per run: one epoch), 400 target training users. Its measured cost is in the README ("The study").
     "study-cpu": {"data.history_len": 5, "data.title_tokens": 16, "data.max_train_users": 400,
-                  "data.max_examples_per_user": 1, "data.max_eval_users": 384, "data.max_valid_users": 128,
+                  "data.max_examples_per_user": 1, "data.max_eval_users": 384, "data.max_valid_users": 64,
                   "model.lora.dropout": 0.0, "train.batch_size": 8, "train.epochs": 1, "train.lr": 1e-3,
                   "train.train_candidates": 8, "train.checkpoint_every": 5, "train.log_every": 5,
                   "train.eval_batch_size": 16},
