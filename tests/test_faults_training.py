@@ -151,6 +151,7 @@ def test_resume_falls_back_past_damaged_checkpoints_and_logs_each_step_once(setu
     ("truncate", "cannot load the base model in"),
     ("nan", "has non-finite weights"),
     ("config", "cannot load the base model in"),
+    ("tokenizer", "has no tokenizer.json"),
 ])
 def test_a_damaged_base_model_is_a_one_line_error(setup, tmp_path, capsys, damage, message):
     model = tmp_path / "model"
@@ -164,8 +165,26 @@ def test_a_damaged_base_model_is_a_one_line_error(setup, tmp_path, capsys, damag
         key = sorted(state)[0]
         state[key] = torch.full_like(state[key], float("nan"))
         save_file(state, weights)
+    elif damage == "tokenizer":
+        (model / "tokenizer.json").unlink()
     else:
         (model / "config.json").write_text("{not json")
     code = train_cli.main(common_flags(setup["world"], model, tmp_path / "runs", **SMALL))
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_an_adapter_of_another_base_with_the_same_shapes_is_refused(setup, tmp_path):
+    """Two bases of identical shapes (here: the tiny model and a copy with other weights) differ in their
+    fingerprint: an adapter trained on one is refused on the other, naming it."""
+    from safetensors.torch import load_file, save_file
+    from xcross.methods import save_adapter
+    other = tmp_path / "other"
+    shutil.copytree(setup["model"], other)
+    state = load_file(other / "model.safetensors")
+    save_file({k: v + 0.01 for k, v in state.items()}, other / "model.safetensors")
+    adapter = tmp_path / "adapter.safetensors"
+    save_adapter(build_model(load_decoder(setup["model"]), "lora", lora=LoRAConfig(rank=2)), adapter)
+    build_model(load_decoder(setup["model"]), "source", [adapter])  # its own base: fine
+    with pytest.raises(ValueError, match="trained on another base model.*fingerprint"):
+        build_model(load_decoder(other), "source", [adapter])

@@ -28,11 +28,15 @@ TRAINED_GROUPS = {"lora": {"adapters", "head"}, "head": {"head"}, "source": set(
 
 
 def base_signature(decoder: Decoder) -> dict:
-    """What an adapter must agree on with the base it is loaded onto."""
+    """What an adapter must agree on with the base it is loaded onto: the shapes, and the weights' fingerprint
+    where the base was loaded from a directory."""
     c = decoder.config
-    return {"model_type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
-            "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_attention_heads,
-            "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim}
+    signature = {"model_type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+                 "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_attention_heads,
+                 "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim}
+    if getattr(decoder, "fingerprint", None):
+        signature["fingerprint"] = decoder.fingerprint
+    return signature
 
 
 def is_peft_directory(path: str | Path) -> bool:
@@ -61,10 +65,12 @@ def check_adapter(source: str, tensors: dict[str, Tensor], config: dict, decoder
                   expected: LoRAConfig | None = None) -> None:
     """The one compatibility check of an adapter (`config`: its file's metadata) against a base decoder and, if
     given, the LoRA settings a run asks for. Fails with a message naming what differs."""
-    if config.get("base") is not None and config["base"] != base_signature(decoder):
+    if config.get("base") is not None:  # keys both sides record (an in-memory base has no fingerprint)
         signature = base_signature(decoder)
-        diff = {k: (config["base"].get(k), v) for k, v in signature.items() if config["base"].get(k) != v}
-        raise ValueError(f"{source} was trained on another base model: (adapter, this base) differ in {diff}")
+        diff = {k: (config["base"][k], v) for k, v in signature.items()
+                if k in config["base"] and config["base"][k] != v}
+        if diff:
+            raise ValueError(f"{source} was trained on another base model: (adapter, this base) differ in {diff}")
     lora = LoRAConfig.from_dict(config["lora"])
     if expected is not None:
         for key in ("rank", "alpha", "targets"):

@@ -298,6 +298,9 @@ def validate(config: RunConfig, domains: list[str]) -> RunConfig:
         hint = ("convert the default weights with `xcross-prepare gemma` (or data_prep.gemma.convert())"
                 if config.model.model_dir is None else "point --model-dir at an HF-layout model directory")
         raise UsageError(f"no model at {model_dir} (no config.json): {hint}")
+    if not (Path(model_dir).expanduser() / "tokenizer.json").is_file():
+        raise UsageError(f"the model directory {model_dir} has no tokenizer.json; add the tokenizer saved with its "
+                         "weights (tokenizer.save_pretrained) or convert the default weights with xcross-prepare gemma")
     return replace(config, sources=tuple(sources), model=replace(config.model, model_dir=str(model_dir)))
 
 
