@@ -9,7 +9,6 @@ if __name__ == "__main__" and not __package__:
     # Run by path, sys.path starts at data_prep/ rather than the repository root: the `data_prep.` imports can fail.
     sys.exit("error: run this importer as a module: xcross-prepare amazon --help (python -m data_prep.amazon)")
 
-import argparse
 import ast
 import json
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from data_prep.pipeline import (
     DataError,
+    importer_parser,
     PrepConfig,
     RawDomain,
     Tally,
@@ -160,11 +160,8 @@ def import_amazon(
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog or "python -m data_prep.amazon", description=__doc__.splitlines()[0])
-    parser.add_argument("--reviews", type=Path, required=True, help="reviews file (.json, .jsonl, optionally .gz)")
-    parser.add_argument("--meta", type=Path, required=True, help="metadata file of the same category")
-    parser.add_argument("--domain", required=True, help="name of the output folder, e.g. toys")
-    parser.add_argument("--out", type=Path, required=True, help="data directory; the domain goes to OUT/DOMAIN")
+    parser = importer_parser(prog or "python -m data_prep.amazon", __doc__.splitlines()[0], {
+        "reviews": "reviews file (.json, .jsonl, optionally .gz)", "meta": "metadata file of the same category"})
     parser.add_argument("--format", default="auto", choices=["auto", *RELEASES], help="release of the files")
     add_pipeline_arguments(parser)
     args = parser.parse_args(argv)

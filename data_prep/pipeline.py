@@ -513,6 +513,17 @@ def format_report(meta: dict, out_dir: Path | str) -> str:
     )
 
 
+def importer_parser(prog: str, description: str, inputs: dict[str, str]) -> argparse.ArgumentParser:
+    """The command line of an importer: its input files (flag -> help), --domain and --out; the caller adds its
+    own flags, then `add_pipeline_arguments`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for name, text in inputs.items():
+        parser.add_argument(f"--{name}", type=Path, required=True, help=text)
+    parser.add_argument("--domain", required=True, help="name of the output folder, e.g. toys")
+    parser.add_argument("--out", type=Path, required=True, help="data directory; the domain goes to OUT/DOMAIN")
+    return parser
+
+
 def run_cli(job: Callable[[], list[tuple[dict, Path]]]) -> int:
     """Run an import, print its report and return the exit code: 0, or 2 with a one-line message for bad input."""
     try:

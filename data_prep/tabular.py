@@ -9,7 +9,6 @@ if __name__ == "__main__" and not __package__:
     # Run by path, sys.path starts at data_prep/ rather than the repository root: the `data_prep.` imports can fail.
     sys.exit("error: run this importer as a module: xcross-prepare csv --help (python -m data_prep.tabular)")
 
-import argparse
 import csv
 from collections import deque
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Iterator
 
 from data_prep.pipeline import (
     DataError,
+    importer_parser,
     PrepConfig,
     RawDomain,
     Tally,
@@ -180,11 +180,8 @@ def import_csv(
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog or "python -m data_prep.tabular", description=__doc__.splitlines()[0])
-    parser.add_argument("--interactions", type=Path, required=True, help="CSV with user_id,item_id,timestamp")
-    parser.add_argument("--items", type=Path, required=True, help="CSV with item_id,title")
-    parser.add_argument("--domain", required=True, help="name of the output folder, e.g. toys")
-    parser.add_argument("--out", type=Path, required=True, help="data directory; the domain goes to OUT/DOMAIN")
+    parser = importer_parser(prog or "python -m data_prep.tabular", __doc__.splitlines()[0], {
+        "interactions": "CSV with user_id,item_id,timestamp", "items": "CSV with item_id,title"})
     add_pipeline_arguments(parser)
     args = parser.parse_args(argv)
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -155,6 +156,31 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def tiny_setup(tmp_path_factory, name: str) -> dict[str, Path]:
+    """A module's tiny world and random model: {"root", "world", "model"}."""
+    root = tmp_path_factory.mktemp(name)
+    world = make_world(root / "world")
+    return {"root": root, "world": world, "model": make_model_dir(root / "model", world)}
+
+
+def one_thread_fixture():
+    """A module fixture (autouse) that runs the module's tests on one torch thread: `_one_thread = ...()`."""
+    @pytest.fixture(scope="module", autouse=True)
+    def _one_thread():
+        with one_thread():
+            yield
+    return _one_thread
+
+
+def tiny_module(name: str):
+    """The fixtures of a module of tiny end-to-end tests: one torch thread, and `setup` (tiny_setup):
+    `_one_thread, setup = tiny_module("name")`."""
+    @pytest.fixture(scope="module")
+    def setup(tmp_path_factory) -> dict[str, Path]:
+        return tiny_setup(tmp_path_factory, name)
+    return one_thread_fixture(), setup
 
 
 # -- running the CLIs ------------------------------------------------------------------------------------------------

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.pipeline_fixtures import common_flags, make_model_dir, make_world, max_abs_diff, one_thread, run_cli
+from tests.pipeline_fixtures import common_flags, max_abs_diff, run_cli, tiny_module
 from xcross.data import CandidateSampler, PromptBuilder, load_domain
 from xcross.lora import LoRAConfig
 from xcross.methods import build_model, trained_tensors
@@ -23,17 +22,7 @@ SMALL = dict(target=TARGET, method="lora", max_train_users=24, max_examples_per_
              batch_size=8, epochs=1, history_len=3, title_tokens=8, train_candidates=4, log_every=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("knobs")
-    world = make_world(root / "world")
-    return {"root": root, "world": world, "model": make_model_dir(root / "model", world)}
+_one_thread, setup = tiny_module("knobs")
 
 
 def test_a_run_from_its_config_json_reproduces_it_and_flags_override(setup, tmp_path):

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import train as train_cli
-from tests.pipeline_fixtures import (common_flags, interrupt_when, make_model_dir, make_world, one_thread, read_jsonl,
-                                     run_cli)
+from tests.pipeline_fixtures import common_flags, interrupt_when, read_jsonl, run_cli, tiny_module
 from xcross.data import CandidateSampler, PromptBuilder, load_domain
 from xcross.lora import LoRAConfig
 from xcross.methods import build_model, trained_tensors
@@ -29,17 +28,7 @@ SMALL = dict(target=TARGET, method="lora", max_train_users=96, max_examples_per_
              batch_size=4, epochs=2, history_len=3, title_tokens=8, train_candidates=4, checkpoint_every=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("faults")
-    world = make_world(root / "world")
-    return {"root": root, "world": world, "model": make_model_dir(root / "model", world)}
+_one_thread, setup = tiny_module("faults")
 
 
 # Each flag, a value a user might type, and what the one-line message must name.

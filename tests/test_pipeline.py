@@ -13,8 +13,8 @@ import pytest
 import evaluate as evaluate_cli
 import train as train_cli
 from tests.pipeline_fixtures import (
-    SMALL_BASE, common_flags, latest_checkpoint, make_model_dir, make_world, one_thread, read_jsonl, run_cli,
-    tensors,
+    SMALL_BASE, common_flags, latest_checkpoint, make_model_dir, make_world, read_jsonl, run_cli, tensors,
+    tiny_module,
 )
 from xcross.config import load_config
 from xcross.data import PromptBuilder, load_domain
@@ -34,17 +34,7 @@ SMALL = dict(max_train_users=24, max_eval_users=24, batch_size=8, epochs=1, hist
              train_candidates=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pipeline")
-    world = make_world(root / "world")
-    return {"root": root, "world": world, "model": make_model_dir(root / "model", world)}
+_one_thread, setup = tiny_module("pipeline")
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +108,7 @@ def table_rows(stdout: str) -> list[str]:
 # -- the tiny setup ----------------------------------------------------------------------------------------------
 
 
-def test_tiny_setup_is_deterministic_and_loads(setup, tmp_path):
+def test_tiny_module_is_deterministic_and_loads(setup, tmp_path):
     world = make_world(tmp_path / "world")
     model = make_model_dir(tmp_path / "model", world)
     for name in ("toys/items.jsonl", "toys/train.jsonl", "toys/valid.jsonl", "sports/test.jsonl"):

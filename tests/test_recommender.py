@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.pipeline_fixtures import common_flags, make_model_dir, make_world, one_thread, read_jsonl
+from tests.pipeline_fixtures import common_flags, make_model_dir, make_world, one_thread_fixture, read_jsonl
 from xcross.cli import inspect as inspect_cli
 from xcross.cli import rank as rank_cli
 from xcross.cli import train as train_cli
@@ -31,10 +31,7 @@ SMALL = dict(max_train_users=24, max_eval_users=24, batch_size=8, epochs=1, hist
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+_one_thread = one_thread_fixture()
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tests.pipeline_fixtures import (
-    common_flags, interrupt_when, latest_checkpoint, make_model_dir, make_world, max_abs_diff, one_thread, read_jsonl,
-    run_cli, tensors,
+    common_flags, interrupt_when, latest_checkpoint, max_abs_diff, read_jsonl, run_cli, tensors,
+    tiny_module,
 )
 from xcross.data import CandidateSampler, PromptBuilder, load_domain
 from xcross.lora import LoRAConfig
@@ -31,17 +31,7 @@ RESUMABLE = dict(method="lora", target=TARGET, max_train_users=96, max_examples_
                  checkpoint_every=1, lr=1e-3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("resume")
-    world = make_world(root / "world")
-    return {"root": root, "world": world, "model": make_model_dir(root / "model", world)}
+_one_thread, setup = tiny_module("resume")
 
 
 def checkpoint_step(run_dir: Path) -> int:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.pipeline_fixtures import common_flags, interrupt_when, make_model_dir, make_world, run_cli
+from tests.pipeline_fixtures import common_flags, interrupt_when, run_cli, tiny_setup
 from xcross.study import _crossing
 
 TINY_STUDY = dict(target="toys", sources="sports,tools", max_train_users=16, max_examples_per_user=1,
@@ -19,10 +20,8 @@ VERDICTS = {"holds", "does not hold", "undecided at this size"}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    world = make_world(root / "world")
-    return {"root": root, "world": world, "model": make_model_dir(root / "model", world)}
+def setup(tmp_path_factory) -> dict[str, Path]:
+    return tiny_setup(tmp_path_factory, "study")
 
 
 def study_args(setup, out):

@@ -422,7 +422,7 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
                         f"non-finite {'loss' if not torch.isfinite(loss_value) else 'gradient'} at step {state.step} "
                         f"(epoch {state.epoch}); nothing was updated. Lower --lr/--integrator-lr or set a "
                         "coefficient bound; " + (f"the last good checkpoint is {kept[0]}" if kept else
-                                                 "no checkpoint was written yet"))
+                                                 f"no checkpoint was written yet to {checkpoints.root}"))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -12,6 +14,7 @@ import torch
 from ..distributed import barrier, dist_info, init_distributed
 from ..settings import (DEFAULT_DATA_DIR, PRESETS, TRAINED_METHODS, RunConfig, UsageError, available_domains,
                         default_model_dir, resolve, resolve_device)
+from ..training import TrainingDiverged
 
 # flag name -> (dotted config path, type, help); flags not given leave the preset's (or the default) value.
 FLAGS = {
@@ -156,6 +159,24 @@ def bootstrap(config: RunConfig) -> None:
             except ConversionError as err:
                 raise UsageError(str(err)) from err
         barrier()
+
+
+def run_command(job, interrupted: str | None = None) -> int:
+    """A command's exit code: `job()`'s, or 2 for a usage error (one line), 1 for a diverged training, 128 + the
+    signal's number for an interruption (SIGINT 130, SIGTERM 143), reported as `interrupted` says (default: what
+    the training loop said)."""
+    try:
+        return job()
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"error: training diverged: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        print(f"\ninterrupted: {interrupted or str(err) or 'stopped; rerun with --resume to continue'}",
+              file=sys.stderr)
+        return 128 + getattr(err, "signum", signal.SIGINT)
 
 
 def finish_distributed() -> None:

@@ -5,14 +5,12 @@ merge and ensemble, for every seed, evaluated on the same test users; writes rep
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
 from ..runtime import keep_freed_memory
 from ..settings import UsageError
 from ..study import FRACTIONS, Study, format_markdown, run_study
-from ..training import TrainingDiverged
-from .common import add_run_arguments, bootstrap, config_from_args, finish_distributed
+from .common import add_run_arguments, bootstrap, config_from_args, finish_distributed, run_command
 from .evaluate import parse_fractions
 
 
@@ -43,27 +41,22 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     args = build_parser().parse_args(argv)
-    try:
+
+    def job() -> int:
         config = config_from_args(args, method="xcross")
         bootstrap(config)
         study = Study(config, tuple(parse_fractions(args.fractions)), parse_seeds(args.seeds), args.reference)
         if 1.0 not in study.fractions:
             raise UsageError("--fractions must include 1 (the reference LoRA and X-Cross on every target user)")
         report = run_study(study, progress=not args.quiet)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as err:
-        print(f"error: training diverged: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as err:
-        print("\ninterrupted: run the same command again to continue the study", file=sys.stderr)
-        return 128 + getattr(err, "signum", signal.SIGINT)
+        print(format_markdown(report))
+        print(f"wrote {study.out}/report.md, report.json, curve.png")
+        return 0
+
+    try:
+        return run_command(job, interrupted="run the same command again to continue the study")
     finally:
         finish_distributed()
-    print(format_markdown(report))
-    print(f"wrote {study.out}/report.md, report.json, curve.png")
-    return 0
 
 
 if __name__ == "__main__":

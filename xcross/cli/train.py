@@ -4,7 +4,6 @@ on the target, model-selected on validation and tested. Also under torchrun."""
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
 from ..distributed import dist_info
@@ -12,9 +11,9 @@ from ..experiment import prepare, run
 from ..reporting import comparison_rows, format_table
 from ..rundir import RunDir
 from ..runtime import keep_freed_memory
-from ..settings import PRESETS, UsageError
-from ..training import EvalResult, TrainingDiverged
-from .common import add_run_arguments, bootstrap, config_from_args, finish_distributed
+from ..settings import PRESETS
+from ..training import EvalResult
+from .common import add_run_arguments, bootstrap, config_from_args, finish_distributed, run_command
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -36,33 +35,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def job() -> int:
         config = config_from_args(args)
         bootstrap(config)
         config = prepare(config)
         if dist_info().main:
             print(f"preset {config.preset}: {config.preset_reason}")
         results = run(config, resume=args.resume, progress=not args.quiet)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as err:
-        print(f"error: training diverged: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as err:
-        print(f"\ninterrupted: {str(err) or 'stopped; rerun with --resume to continue'}", file=sys.stderr)
-        return 128 + getattr(err, "signum", signal.SIGINT)
-    if dist_info().main:
-        run_dir = RunDir.of(config)
-        rows = comparison_rows({config.method: (EvalResult.load(run_dir.file("test_scores.npz")), {
-            "trainable": results["parameters"]["trainable"],
-            "train_examples": results["training"]["train_examples"]})}, seed=config.train.seed)
-        print(f"\ntest results on {config.target} ({results['test_users']} users, "
-              f"{config.data.num_candidates} candidates each; 95% bootstrap intervals):")
-        print(format_table(rows))
-        print(f"\nwrote {run_dir.path}/results.json, config.json, best.safetensors "
-              f"({results['seconds']:.0f} s in all)")
-    return 0
+        if dist_info().main:
+            run_dir = RunDir.of(config)
+            rows = comparison_rows({config.method: (EvalResult.load(run_dir.file("test_scores.npz")), {
+                "trainable": results["parameters"]["trainable"],
+                "train_examples": results["training"]["train_examples"]})}, seed=config.train.seed)
+            print(f"\ntest results on {config.target} ({results['test_users']} users, "
+                  f"{config.data.num_candidates} candidates each; 95% bootstrap intervals):")
+            print(format_table(rows))
+            print(f"\nwrote {run_dir.path}/results.json, config.json, best.safetensors "
+                  f"({results['seconds']:.0f} s in all)")
+        return 0
+
+    return run_command(job)
 
 
 if __name__ == "__main__":
