@@ -4,17 +4,23 @@ cannot train into one run directory; SIGTERM stops cleanly with exit code 143.""
 
 from __future__ import annotations
 
+import random
 import shutil
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import train as train_cli
-from tests.pipeline_fixtures import common_flags, interrupt_when, read_jsonl, run_cli, tiny_module
+from tests.pipeline_fixtures import (
+    REPO, cli_env, common_flags, interrupt_when, max_abs_diff, read_jsonl, run_cli, tensors, tiny_module,
+)
 from xcross.data import CandidateSampler, PromptBuilder, load_domain
+from xcross.files import atomic_write
 from xcross.lora import LoRAConfig
 from xcross.methods import build_model, trained_tensors
 from xcross.rundir import RunDir
@@ -177,3 +183,37 @@ def test_an_adapter_of_another_base_with_the_same_shapes_is_refused(setup, tmp_p
     build_model(load_decoder(setup["model"]), "source", [adapter])  # its own base: fine
     with pytest.raises(ValueError, match="trained on another base model.*fingerprint"):
         build_model(load_decoder(other), "source", [adapter])
+
+
+def test_sigkill_at_random_points_then_resume_ends_like_an_uninterrupted_run(setup, tmp_path):
+    """SIGKILL (no handler runs) at seeded random moments, checkpoint writes included; each time `--resume` goes on
+    from what was left, and the finished run equals an uninterrupted one, its log holding every step once."""
+    small = {**SMALL, "max_train_users": 32, "epochs": 1}  # 8 steps, a checkpoint after every one
+    reference = run_cli("train.py", common_flags(setup["world"], setup["model"], tmp_path / "reference", **small))
+    assert reference.returncode == 0, reference.stderr
+    flags = common_flags(setup["world"], setup["model"], tmp_path / "killed", **small)
+    run_dir = tmp_path / "killed" / TARGET / "lora"
+    rnd = random.Random(0)
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, "train.py", *flags, "--resume"], cwd=REPO, env=cli_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start = time.monotonic()
+        while not (run_dir / "ckpt").is_dir() and time.monotonic() - start < 120:  # past start-up
+            time.sleep(0.05)
+        time.sleep(rnd.uniform(0.0, 3.0))
+        proc.kill()
+        proc.wait()
+    finished = run_cli("train.py", [*flags, "--resume"])
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert max_abs_diff(tensors(run_dir / "best.safetensors"),
+                        tensors(tmp_path / "reference" / TARGET / "lora" / "best.safetensors")) <= 1e-6
+    steps = [r["step"] for r in read_jsonl(run_dir / "log.jsonl") if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 8
+    assert not list(run_dir.rglob("*.tmp")) and not list((run_dir / "ckpt").glob(".*"))  # no partial file left
+
+
+def test_written_files_get_the_mode_a_plain_open_gives(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write(tmp_path / "atomic.txt", "x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == plain.stat().st_mode
