@@ -217,3 +217,16 @@ def test_written_files_get_the_mode_a_plain_open_gives(tmp_path):
     plain.write_text("x")
     atomic_write(tmp_path / "atomic.txt", "x")
     assert (tmp_path / "atomic.txt").stat().st_mode == plain.stat().st_mode
+
+
+def test_a_damaged_trained_run_is_a_one_line_error_when_evaluated(setup, tmp_path, capsys):
+    import evaluate as evaluate_cli
+    out = tmp_path / "runs"
+    flags = common_flags(setup["world"], setup["model"], out, **{**SMALL, "max_train_users": 8, "epochs": 1})
+    assert run_cli("train.py", flags).returncode == 0
+    best = out / TARGET / "lora" / "best.safetensors"
+    best.write_bytes(best.read_bytes()[:100])
+    (out / TARGET / "lora" / "test_scores.npz").unlink()  # so that the saved weights must be read
+    code = evaluate_cli.main([*flags, "--methods", "lora"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{best} cannot be read" in err and err.count("\n") == 1, err

@@ -276,7 +276,10 @@ def model_from_run(run_dir: RunDir, decoder) -> XCrossModel:
     best.safetensors and the source adapters that names (each checked against the base)."""
     if not run_dir.best.is_file():
         raise UsageError(f"{run_dir.path} has no best.safetensors: not a finished run")
-    best, meta = load_tensors(run_dir.best, str(decoder.model.embed_tokens.weight.device))
+    try:
+        best, meta = load_tensors(run_dir.best, str(decoder.model.embed_tokens.weight.device))
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: safetensors' own error types too
+        raise UsageError(f"{run_dir.best} cannot be read ({type(err).__name__}: {err}); retrain the run") from err
     if meta.get("format") == ADAPTER_FORMAT:  # a LoRA run: its adapter and head, as a source is used
         return build_model(decoder, "source", [run_dir.best])
     adapters = [Path(p) for p in meta.get("adapters", [])]
