@@ -15,7 +15,7 @@ from .data import CandidateSampler, Domain, Example, PromptBuilder, load_domain
 from .distributed import barrier, dist_info, init_distributed
 from .methods import ADAPTER_FORMAT, CHECKPOINT_FORMAT, build_model, check_adapter, load_trained
 from .methods import parameter_report, read_adapter, save_adapter, trained_tensors
-from .rundir import RESUMABLE_CHANGES, SOURCE_IDENTITY, RunDir, differences
+from .rundir import NOT_IDENTITY, RESUMABLE_CHANGES, SOURCE_IDENTITY, RunDir, differences
 from .settings import (TRAINED_METHODS, RunConfig, UsageError, available_domains, resolve, resolve_device,
                        resolve_dtype, validate)
 from .tokenizer import Tokenizer
@@ -67,6 +67,18 @@ def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     decoder = load_base(config, device, dtype)
     adapters = ensure_sources(config, decoder, resume, progress) if config.method in SOURCE_METHODS else []
     return train_method(config, decoder, adapters, resume, progress)
+
+
+def finished_results(config: RunConfig) -> dict | None:
+    """The results of `config`'s run if it has finished, None if not; a finished run in its directory that was
+    trained otherwise is refused, naming the differences."""
+    run_dir = RunDir.of(config)
+    if not run_dir.finished():
+        return None
+    if diff := differences(run_dir.config(), config, ignore=(*NOT_IDENTITY, "model.model_dir")):
+        raise UsageError(f"{run_dir.path} holds a run trained otherwise ({'; '.join(diff)}); use another --out or "
+                         "delete it")
+    return run_dir.results()
 
 
 # -- data selection --------------------------------------------------------------------------------------------------

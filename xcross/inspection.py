@@ -13,7 +13,8 @@ import torch
 from .data import collate, load_domain, pack
 from .experiment import eval_examples, prompt_builder
 from .files import atomic_write
-from .recommender import Recommender, open_run
+from .recommender import Recommender
+from .rundir import RunDir
 from .settings import RunConfig, UsageError
 from .training import length_multiple
 from .weights import load_tensors
@@ -76,7 +77,7 @@ def coefficient_map(rec: Recommender, examples, builder) -> dict[str, np.ndarray
 def collect(run_dir: str | Path, users: int = 8, device="cpu") -> Findings:
     """Read a run's log, results and trained weights; with integrators, run the best model on the first `users`
     validation users of the run's own evaluation subsample for the coefficient map."""
-    run = open_run(run_dir)
+    run = RunDir.load(run_dir)
     config = run.config()
     results = run.results() if run.finished() else None
     loss, valid = read_log(run.file("log.jsonl"))

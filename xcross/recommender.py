@@ -3,7 +3,6 @@ titles after their history with the run's own prompts, packing and scorer, so th
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,22 +17,6 @@ from .weights import load_decoder
 from .xcross import XCrossModel
 
 User = tuple[list[str], list[str]]  # (history titles oldest first, candidate titles)
-
-
-def open_run(path: str | Path) -> RunDir:
-    """The run whose directory is `path`. Its identity comes from its config.json; its location is `path`, also
-    when the run was moved or its `--out` was relative to another working directory."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UsageError(f"{path} is not a run directory (no config.json); a run is <out>/<target>/<name>, "
-                         "written by xcross-train")
-    run = RunDir.load(path)
-    if run.path.resolve() != path.resolve():
-        run = replace(run, out=path.resolve().parent.parent)
-        if run.path != path.resolve():
-            raise UsageError(f"{path} holds the config.json of the run {run.name} of {run.target}: rename the "
-                             f"directory back to <out>/{run.target}/{run.name}")
-    return run
 
 
 class Recommender:
@@ -59,7 +42,7 @@ class Recommender:
         """The model of a finished run of any method (lora, head, merge, ensemble, xcross), on the base it was
         trained on, with its tokenizer and prompt settings. `batch_size` (users per forward pass) defaults to the
         run's evaluation batch size: the same users in the same order then give bit-identical scores."""
-        run = open_run(run_dir)
+        run = RunDir.load(run_dir)
         config = run.config()
         model_dir = Path(config.model.model_dir or default_model_dir()).expanduser()
         if not (model_dir / "config.json").is_file():

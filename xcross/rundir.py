@@ -63,8 +63,12 @@ class RunDir:
 
     @classmethod
     def load(cls, path: str | Path) -> RunDir:
-        """The run in `path` (wherever it now lives), its identity read from its config.json."""
+        """The run in `path` (wherever it now lives: also moved, or written with a `--out` relative to another
+        working directory), its identity read from its config.json."""
         path = Path(path)
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{path} is not a run directory (no config.json); a run is <out>/<target>/<name>, "
+                             "written by xcross-train")
         config = RunConfig.from_dict(json.loads((path / "config.json").read_text()))
         run_dir = replace(cls.of(config), out=path.parent.parent)
         if run_dir.path.name != path.name:

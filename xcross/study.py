@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .experiment import evaluate_popularity, evaluate_run, evaluate_source, prepare, run
+from .experiment import evaluate_popularity, evaluate_run, evaluate_source, finished_results, prepare, run
 from .files import atomic_write
 from .metrics import METRICS, paired_difference, per_user_metrics, summarise, verdict
 from .reporting import plot_curve
-from .rundir import NOT_IDENTITY, RunDir, differences
+from .rundir import RunDir
 from .settings import RunConfig, UsageError
 from .training import EvalResult
 
@@ -53,12 +53,9 @@ def run_study(study: Study, progress: bool = True) -> dict:
     same test users, write the report; return it."""
     for label, config in study.runs():
         config = prepare(config)
-        run_dir = RunDir.of(config)
-        if run_dir.finished():
-            if diff := differences(run_dir.config(), config, ignore=(*NOT_IDENTITY, "model.model_dir")):
-                raise UsageError(f"{run_dir.path} holds a run trained otherwise ({'; '.join(diff)}); use another "
-                                 "--out or delete it")
+        if finished_results(config) is not None:
             continue
+        run_dir = RunDir.of(config)
         print(f"study: training {label} (seed {config.train.seed}) into {run_dir.path}")
         run(config, resume=run_dir.path.exists(), progress=progress)
     results = collect(study, progress)

@@ -9,10 +9,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ..experiment import evaluate_popularity, evaluate_run, evaluate_source, prepare, run, source_config
+from ..experiment import (evaluate_popularity, evaluate_run, evaluate_source, finished_results, prepare, run,
+                          source_config)
 from ..files import atomic_write
 from ..reporting import comparison_rows, format_table, plot_curve, write_rows
-from ..rundir import NOT_IDENTITY, RunDir, differences
+from ..rundir import RunDir
 from ..runtime import keep_freed_memory
 from ..settings import RunConfig, UsageError
 from .common import add_run_arguments, bootstrap, config_from_args
@@ -60,13 +61,7 @@ def trained_row(config: RunConfig, method: str, fraction: float, resume: bool, p
     trained as asked), else trained."""
     wanted = prepare(replace(config, method=method, fraction=fraction))
     run_dir = RunDir.of(wanted)
-    if run_dir.finished():
-        if diff := differences(run_dir.config(), wanted, ignore=(*NOT_IDENTITY, "model.model_dir")):
-            raise UsageError(f"{run_dir.path} holds a run trained otherwise ({'; '.join(diff)}); use another --out "
-                             "or delete it")
-        results = run_dir.results()
-    else:
-        results = run(wanted, resume=resume, progress=progress)
+    results = finished_results(wanted) or run(wanted, resume=resume, progress=progress)
     result, described = evaluate_run(config, run_dir, progress)
     row = comparison_rows({method: (result, described)}, config.train.seed)[0]
     print(f"fraction {fraction:g} {method}: hit@1 {row['hit@1']['mean']:.3f} "

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from ..data import load_domain
 from ..files import atomic_write
-from ..recommender import Recommender, open_run
+from ..recommender import Recommender
+from ..rundir import RunDir
 from ..settings import DTYPES, UsageError
 
 SHOWN = 5  # malformed lines named in the final report
@@ -132,7 +133,7 @@ def item_titles(args: argparse.Namespace, run_path: Path) -> dict[str, str] | No
         if args.data_dir or args.domain:
             raise UsageError("--data-dir and --domain say where item ids are looked up: they need --ids")
         return None
-    config = open_run(run_path).config()
+    config = RunDir.load(run_path).config()
     domain_dir = Path(args.data_dir or config.data.data_dir) / (args.domain or config.target)
     try:
         return load_domain(domain_dir).items
