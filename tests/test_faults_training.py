@@ -23,7 +23,7 @@ from xcross.data import CandidateSampler, PromptBuilder, load_domain
 from xcross.files import atomic_write
 from xcross.lora import LoRAConfig
 from xcross.methods import build_model, trained_tensors
-from xcross.rundir import RunDir
+from xcross.rundir import RunDir, differences
 from xcross.settings import RunConfig
 from xcross.tokenizer import Tokenizer
 from xcross.training import TrainConfig, fit
@@ -101,6 +101,16 @@ def test_resume_refuses_changed_settings_and_names_them(setup, tmp_path):
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert "was started with other settings" in proc.stderr and named in proc.stderr
     assert not (run_dir / "results.json").exists()
+
+
+def test_a_directory_spelled_relative_or_absolute_is_the_same_setting(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    relative = RunConfig(out="runs", target=TARGET, method="lora").with_values({"data.data_dir": "data"})
+    absolute = relative.with_values({"data.data_dir": str(tmp_path / "data")})
+    other = relative.with_values({"data.data_dir": str(tmp_path / "elsewhere")})
+    assert differences(relative, absolute) == []  # what the study passed a run trained with the other spelling
+    assert differences(relative, other) == [f"data.data_dir: 'data' there, '{tmp_path / 'elsewhere'}' here"]
 
 
 def test_two_processes_cannot_train_into_one_run_directory(setup, tmp_path):

@@ -27,6 +27,10 @@ RESUMABLE_CHANGES = ("out", "preset", "preset_reason", "train_sources", "model.d
 SOURCE_IDENTITY = ("model.model_dir", "model.lora", "data", "train.seed")
 
 
+# Paths compared by the directory they name, so `data/amazon` run from /work and `/work/data/amazon` agree.
+PATH_KEYS = ("data.data_dir", "model.model_dir")
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -45,8 +49,14 @@ def differences(saved: RunConfig, wanted: RunConfig, only: tuple[str, ...] | Non
     def within(key: str, paths) -> bool:
         return any(key == p or key.startswith(p + ".") for p in paths)
 
+    def same(k: str) -> bool:
+        x, y = a.get(k), b.get(k)
+        if k in PATH_KEYS and isinstance(x, str) and isinstance(y, str):
+            return Path(x).expanduser().resolve() == Path(y).expanduser().resolve()
+        return x == y
+
     keys = [k for k in sorted(set(a) | set(b)) if (only is None or within(k, only)) and not within(k, ignore)]
-    return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in keys if a.get(k) != b.get(k)]
+    return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in keys if not same(k)]
 
 
 @dataclass(frozen=True)
