@@ -311,10 +311,9 @@ def evaluate_run(config: RunConfig, run_dir: RunDir, progress: bool = True) -> t
     results, saved = run_dir.results(), run_dir.config()
     described = {"trainable": results["parameters"]["trainable"],
                  "train_examples": results["training"]["train_examples"]}
-    same = [saved.get(k) == config.get(k) for k in
-            ("data.max_eval_users", "data.eval_seed", "data.num_candidates", "data.history_len", "data.title_tokens",
-             "data.data_dir")]
-    if run_dir.file("test_scores.npz").is_file() and all(same):
+    same = not differences(saved, config, only=("data.max_eval_users", "data.eval_seed", "data.num_candidates",
+                                                 "data.history_len", "data.title_tokens", "data.data_dir"))
+    if run_dir.file("test_scores.npz").is_file() and same:
         return EvalResult.load(run_dir.file("test_scores.npz")), described
     device, dtype = device_of(config)
     domain = load_domain(Path(config.data.data_dir) / config.target)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .experiment import evaluate_popularity, evaluate_run, evaluate_source, finished_results, prepare, run
+from .experiment import (
+    evaluate_popularity, evaluate_run, evaluate_source, finished_results, prepare, run, source_config,
+)
 from .files import atomic_write
 from .metrics import METRICS, paired_difference, per_user_metrics, summarise, verdict
 from .reporting import plot_curve
@@ -48,9 +50,15 @@ class Study:
         return planned
 
 
-def run_study(study: Study, progress: bool = True) -> dict:
+def run_study(study: Study, progress: bool = True, report_only: bool = False) -> dict:
     """Train what is missing (a run interrupted before is resumed from its checkpoint), evaluate everything on the
-    same test users, write the report; return it."""
+    same test users, write the report; return it. `report_only` trains nothing: the report covers the runs
+    finished so far, lists the missing ones, and a claim that needs one of them is "not yet measured"."""
+    if report_only:
+        results, missing = collect(study, progress, finished_only=True)
+        report = build_report(study, results, missing)
+        write_report(study, report)
+        return report
     for label, config in study.runs():
         config = prepare(config)
         if finished_results(config) is not None:
@@ -58,7 +66,7 @@ def run_study(study: Study, progress: bool = True) -> dict:
         run_dir = RunDir.of(config)
         print(f"study: training {label} (seed {config.train.seed}) into {run_dir.path}")
         run(config, resume=run_dir.path.exists(), progress=progress)
-    results = collect(study, progress)
+    results, _ = collect(study, progress)
     report = build_report(study, results)
     write_report(study, report)
     return report
@@ -74,26 +82,40 @@ def _cached(path: Path, compute) -> EvalResult:
     return result
 
 
-def collect(study: Study, progress: bool = True) -> dict[str, list[EvalResult]]:
-    """label -> one test result per seed (one for popularity), every one on the same users in the same order."""
+def collect(study: Study, progress: bool = True,
+            finished_only: bool = False) -> tuple[dict[str, list[EvalResult]], list[str]]:
+    """label -> one test result per seed (one for popularity), every one on the same users in the same order; and
+    the labels left out because a seed's run (or source adapter) has not finished, which `finished_only` allows."""
     base = prepare(study.base)
     out: dict[str, list[EvalResult]] = {}
+    missing: list[str] = []
     scores = study.out / "scores"
     scores.mkdir(parents=True, exist_ok=True)
     out["popularity"] = [_cached(scores / "popularity.npz", lambda: evaluate_popularity(base)[0])]
+    found: dict[str, list] = {}
     for seed in study.seeds:
         seeded = base.with_values({"train.seed": seed})
         for source in base.sources:
-            out.setdefault(f"source:{source}", []).append(_cached(
-                scores / f"source-{source}-s{seed}.npz", lambda: evaluate_source(seeded, source, progress)[0]))
+            cached = scores / f"source-{source}-s{seed}.npz"
+            trained = cached.is_file() or RunDir.of(source_config(seeded, source)).finished()
+            found.setdefault(f"source:{source}", []).append(
+                _cached(cached, lambda: evaluate_source(seeded, source, progress)[0])
+                if trained or not finished_only else None)
     for label, config in study.runs():
         config = prepare(config)
-        out.setdefault(label, []).append(evaluate_run(base, RunDir.of(config), progress)[0])
+        found.setdefault(label, []).append(
+            evaluate_run(base, RunDir.of(config), progress)[0]
+            if not finished_only or finished_results(config) is not None else None)
+    for label, results in found.items():
+        if None in results:
+            missing.append(label)
+        else:
+            out[label] = results
     users = out["popularity"][0].user_ids
     for label, results in out.items():
         if any(r.user_ids != users for r in results):
             raise RuntimeError(f"{label} was evaluated on other users than popularity; the comparison is unpaired")
-    return out
+    return out, missing
 
 
 def _per_user(results: list[EvalResult]) -> dict[str, np.ndarray]:
@@ -133,7 +155,7 @@ def data_efficiency(study: Study, per_user: dict[str, dict[str, np.ndarray]], at
             "data_saving": 1 - at / estimate if math.isfinite(estimate) else 1.0}
 
 
-def build_report(study: Study, results: dict[str, list[EvalResult]]) -> dict:
+def build_report(study: Study, results: dict[str, list[EvalResult]], missing: list[str] = ()) -> dict:
     per_user = {label: _per_user(r) for label, r in results.items()}
     rows = []
     for label, res in results.items():
@@ -142,6 +164,9 @@ def build_report(study: Study, results: dict[str, list[EvalResult]]) -> dict:
         rows.append({"method": label, **{m: summary[m] for m in METRICS}, "seeds": len(res),
                      "hit@1_per_seed": seed_means, "hit@1_seed_sd": float(np.std(seed_means)),
                      "users": len(res[0].labels)})
+    if study.reference in missing:
+        raise UsageError(f"the reference {study.reference} has not finished yet: nothing to compare with; run the "
+                         "study without --report-only to train it")
     if study.reference not in per_user:
         raise UsageError(f"reference {study.reference!r} is not part of the study ({', '.join(per_user)})")
     ref = per_user[study.reference]
@@ -150,45 +175,69 @@ def build_report(study: Study, results: dict[str, list[EvalResult]]) -> dict:
         if label != study.reference:
             paired.append({"method": label, "reference": study.reference,
                            **{m: paired_difference(per_user[label][m], ref[m], seed=0) for m in ("hit@1", "mrr")}})
-    claims = judge(study, per_user)
+    claims = judge(study, per_user, list(missing))
     return {"target": study.base.target, "sources": list(study.base.sources), "fractions": list(study.fractions),
             "seeds": list(study.seeds), "reference": study.reference, "test_users": rows[0]["users"],
-            "rows": rows, "paired": paired, "claims": claims, "parameters": _parameters(study)}
+            "rows": rows, "paired": paired, "claims": claims, "missing": list(missing),
+            "parameters": _parameters(study)}
 
 
-def _parameters(study: Study) -> dict:
+def _parameters(study: Study) -> dict | None:
     config = prepare(replace(study.base.with_values({"train.seed": study.seeds[0]}), method="xcross"))
+    if not RunDir.of(config).finished():
+        return None
     report = RunDir.of(config).results()["parameters"]
     return {"xcross_trainable": report["trainable"], "target_lora_equivalent": report["target_lora_equivalent"],
             "ratio": report["ratio_to_target_lora"]}
 
 
-def judge(study: Study, per_user: dict[str, dict[str, np.ndarray]]) -> list[dict]:
-    """A verdict per claim of the paper, each with the paired evidence it rests on."""
-    xc = per_user["xcross@1"]["hit@1"]
-    match = paired_difference(xc, per_user["lora@1"]["hit@1"], seed=0)
-    claims = [{"claim": "X-Cross matches a LoRA fine-tuned on the target (Hit@1 not lower by more than "
-                        f"{MATCH_MARGIN:g})", "evidence": {"xcross@1 - lora@1": match},
-               "verdict": verdict(match, -MATCH_MARGIN)}]
-    efficiency = {}
-    for at in (0.1, 0.25):
-        if at in study.fractions:
-            efficiency[f"{at:g}"] = data_efficiency(study, per_user, at)
-    if efficiency:
-        # "50-75% less data": LoRA needs at least twice the data X-Cross uses to reach the same Hit@1.
-        verdicts = []
-        for at, e in efficiency.items():
-            verdicts.append("holds" if e["low"] >= 2 * float(at) else
-                            "does not hold" if e["high"] < 2 * float(at) else "undecided at this size")
-        claims.append({"claim": "X-Cross needs 50-75% less target data than LoRA (LoRA needs >= 2x X-Cross's "
-                                "fraction to reach its Hit@1)", "evidence": efficiency,
-                       "verdict": _combine(verdicts)})
-    baselines = ["merge", "ensemble", *[k for k in per_user if k.startswith("source:")]]
-    versus = {b: paired_difference(xc, per_user[b]["hit@1"], seed=0) for b in baselines if b in per_user}
-    claims.append({"claim": "X-Cross beats the other cross-domain baselines (merge, ensemble, each source "
-                            "zero-shot) in Hit@1", "evidence": {f"xcross@1 - {b}": d for b, d in versus.items()},
-                   "verdict": _combine([verdict(d) for d in versus.values()])})
+NOT_MEASURED = "not yet measured"
+
+
+def judge(study: Study, per_user: dict[str, dict[str, np.ndarray]], missing: list[str] = ()) -> list[dict]:
+    """A verdict per claim of the paper, each with the paired evidence it rests on; a claim whose runs are among
+    `missing` is "not yet measured", naming them."""
+    match_claim = ("X-Cross matches a LoRA fine-tuned on the target (Hit@1 not lower by more than "
+                   f"{MATCH_MARGIN:g})")
+    data_claim = ("X-Cross needs 50-75% less target data than LoRA (LoRA needs >= 2x X-Cross's fraction to reach "
+                  "its Hit@1)")
+    baseline_claim = "X-Cross beats the other cross-domain baselines (merge, ensemble, each source zero-shot) in Hit@1"
+    at_fractions = [at for at in (0.1, 0.25) if at in study.fractions]
+
+    def unmeasured(claim: str, needs: list[str]) -> dict | None:
+        if lacking := [label for label in needs if label in missing]:
+            return {"claim": claim, "evidence": {}, "verdict": NOT_MEASURED, "missing": lacking}
+        return None
+
+    claims = []
+    if not (claim := unmeasured(match_claim, ["xcross@1", "lora@1"])):
+        match = paired_difference(per_user["xcross@1"]["hit@1"], per_user["lora@1"]["hit@1"], seed=0)
+        claim = {"claim": match_claim, "evidence": {"xcross@1 - lora@1": match},
+                 "verdict": verdict(match, -MATCH_MARGIN)}
+    claims.append(claim)
+    if at_fractions and (claim := unmeasured(data_claim, [*(f"lora@{f:g}" for f in study.fractions),
+                                                         *(f"xcross@{f:g}" for f in at_fractions)])):
+        claims.append(claim)
+    elif at_fractions:
+        claims.append(_data_claim(study, per_user, data_claim, at_fractions))
+    baselines = ["merge", "ensemble", *[f"source:{s}" for s in study.base.sources]]
+    if claim := unmeasured(baseline_claim, ["xcross@1", *baselines]):
+        claims.append(claim)
+    else:
+        xc = per_user["xcross@1"]["hit@1"]
+        versus = {b: paired_difference(xc, per_user[b]["hit@1"], seed=0) for b in baselines}
+        claims.append({"claim": baseline_claim, "evidence": {f"xcross@1 - {b}": d for b, d in versus.items()},
+                       "verdict": _combine([verdict(d) for d in versus.values()])})
     return claims
+
+
+def _data_claim(study: Study, per_user: dict[str, dict[str, np.ndarray]], claim: str,
+                at_fractions: list[float]) -> dict:
+    efficiency = {f"{at:g}": data_efficiency(study, per_user, at) for at in at_fractions}
+    # "50-75% less data": LoRA needs at least twice the data X-Cross uses to reach the same Hit@1.
+    verdicts = ["holds" if e["low"] >= 2 * float(at) else "does not hold" if e["high"] < 2 * float(at) else
+                "undecided at this size" for at, e in efficiency.items()]
+    return {"claim": claim, "evidence": efficiency, "verdict": _combine(verdicts)}
 
 
 def _combine(verdicts: list[str]) -> str:
@@ -202,7 +251,11 @@ def _combine(verdicts: list[str]) -> str:
 def format_markdown(report: dict) -> str:
     lines = [f"# Study: {', '.join(report['sources'])} -> {report['target']}", "",
              f"{report['test_users']} test users (the same for every method), seeds {report['seeds']}; means over "
-             "seeds of per-user metrics, 95% bootstrap intervals over users.", "",
+             "seeds of per-user metrics, 95% bootstrap intervals over users.", ""]
+    if report.get("missing"):
+        lines += [f"**Partial report**: not finished yet: {', '.join(report['missing'])}. Run the study command "
+                  "without --report-only to train them.", ""]
+    lines += [
              "| method | Hit@1 | MRR | Hit@1 per seed |", "|---|---|---|---|"]
     for r in report["rows"]:
         cells = [f"{r[m]['mean']:.3f} [{r[m]['low']:.3f}, {r[m]['high']:.3f}]" for m in ("hit@1", "mrr")]
@@ -214,11 +267,14 @@ def format_markdown(report: dict) -> str:
         h, m = p["hit@1"], p["mrr"]
         lines.append(f"| {p['method']} | {h['diff']:+.3f} [{h['low']:+.3f}, {h['high']:+.3f}] | {h['p']:.3g} | "
                      f"{m['diff']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}] | {m['p']:.3g} |")
-    params = report["parameters"]
-    lines += ["", f"X-Cross trains {params['xcross_trainable']:,} parameters, {params['ratio']:.0%} of a target LoRA "
-              f"+ head ({params['target_lora_equivalent']:,}).", "", "## Claims", ""]
+    if params := report["parameters"]:
+        lines += ["", f"X-Cross trains {params['xcross_trainable']:,} parameters, {params['ratio']:.0%} of a target "
+                  f"LoRA + head ({params['target_lora_equivalent']:,})."]
+    lines += ["", "## Claims", ""]
     for c in report["claims"]:
         lines.append(f"- **{c['verdict']}**: {c['claim']}")
+        if c.get("missing"):
+            lines.append(f"  - waits for: {', '.join(c['missing'])}")
         for name, e in c["evidence"].items():
             if "diff" in e:
                 lines.append(f"  - {name}: {e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}], p = {e['p']:.3g}")

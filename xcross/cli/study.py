@@ -25,6 +25,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                                      "seed (default 0)")
     parser.add_argument("--reference", default="lora@1", help="the method every other is compared with, paired "
                                                              "(default lora@1: LoRA on every target user)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the report from the runs finished so far (a study still running "
+                             "elsewhere is left alone); claims that need a missing run are 'not yet measured'")
     return parser
 
 
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         study = Study(config, tuple(parse_fractions(args.fractions)), parse_seeds(args.seeds), args.reference)
         if 1.0 not in study.fractions:
             raise UsageError("--fractions must include 1 (the reference LoRA and X-Cross on every target user)")
-        report = run_study(study, progress=not args.quiet)
+        report = run_study(study, progress=not args.quiet, report_only=args.report_only)
         print(format_markdown(report))
         print(f"wrote {study.out}/report.md, report.json, curve.png")
         return 0
