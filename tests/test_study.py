@@ -59,28 +59,28 @@ def test_study_report(straight):
 
 def test_interrupted_study_resumes_to_the_same_report(setup, straight):
     out = setup["root"] / "interrupted"
-    running = out / "toys" / "xcross-f0.5" / "ckpt" / "LATEST"  # the 4th run of seed 0, mid-training
+    running = out / "toys" / "ensemble" / "ckpt" / "LATEST"  # the 4th run of seed 0, mid-training
     stopped = interrupt_when([sys.executable, *study_args(setup, out)], running.is_file, timeout=600)
     assert stopped.returncode == 130, stopped.stdout + stopped.stderr
-    assert not (out / "toys" / "xcross-f0.5" / "results.json").exists()
+    assert not (out / "toys" / "ensemble" / "results.json").exists()
     # both seeds: the reference of seed 1 has not been trained, so there is nothing to compare with
     early = run_cli("-m", [*study_args(setup, out)[1:], "--report-only"], timeout=300)
     assert early.returncode == 2 and "the reference lora@1 has not finished yet" in early.stderr, early.stderr
-    # seed 0 alone: lora@1, xcross@1 and lora@0.5 finished; the report covers them and trains nothing
+    # seed 0 alone: lora@1, xcross@1 and merge finished; the report covers them and trains nothing
     partial = run_cli("-m", [*study_args(setup, out)[1:], "--report-only", "--seeds", "0"], timeout=300)
     assert partial.returncode == 0, partial.stdout + partial.stderr
-    assert not (out / "toys" / "xcross-f0.5" / "results.json").exists()
+    assert not (out / "toys" / "ensemble" / "results.json").exists()
     report = json.loads((out / "toys" / "study" / "report.json").read_text())
-    assert report["missing"] == ["xcross@0.5", "merge", "ensemble"]
+    assert report["missing"] == ["lora@0.5", "xcross@0.5", "ensemble"]
     assert [r["method"] for r in report["rows"]] == ["popularity", "source:sports", "source:tools", "lora@1",
-                                                     "xcross@1", "lora@0.5"]
+                                                     "xcross@1", "merge"]
     full = {r["method"]: r for r in json.loads((straight / "toys" / "study" / "report.json").read_text())["rows"]}
     for row in report["rows"]:  # the same scores as seed 0 of the uninterrupted study
         assert row["hit@1_per_seed"] == full[row["method"]]["hit@1_per_seed"][:1], row["method"]
     match, beats = report["claims"]
     assert match["verdict"] in VERDICTS and beats == {"claim": beats["claim"], "evidence": {},
-                                                      "verdict": "not yet measured", "missing": ["merge", "ensemble"]}
-    assert "**Partial report**: not finished yet: xcross@0.5, merge, ensemble" in \
+                                                      "verdict": "not yet measured", "missing": ["ensemble"]}
+    assert "**Partial report**: not finished yet: lora@0.5, xcross@0.5, ensemble" in \
         (out / "toys" / "study" / "report.md").read_text()
     resumed = run_cli("-m", study_args(setup, out)[1:], timeout=900)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

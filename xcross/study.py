@@ -39,14 +39,24 @@ class Study:
     def out(self) -> Path:
         return Path(self.base.out) / self.base.target / "study"
 
+    def labels(self) -> list[str]:
+        """Every trained method's label, in the report's order: the curve from all users down, then merge and
+        ensemble."""
+        curve = [f"{m}@{f:g}" for f in sorted(self.fractions, reverse=True) for m in CURVE_METHODS]
+        return [*curve, *FULL_METHODS]
+
     def runs(self) -> list[tuple[str, RunConfig]]:
-        """(label, config) of every trained run, in the order they are trained."""
+        """(label, config) of every trained run, in the order they are trained: per seed, first what the claims on
+        all target users need (LoRA, X-Cross, merge, ensemble), then the smaller fractions, so that a study cut
+        short by a session's end has decided what it could."""
         planned = []
         for seed in self.seeds:
             seeded = self.base.with_values({"train.seed": seed})
-            for f in sorted(self.fractions, reverse=True):
-                planned += [(f"{m}@{f:g}", replace(seeded, method=m, fraction=f)) for m in CURVE_METHODS]
-            planned += [(m, replace(seeded, method=m, fraction=1.0)) for m in FULL_METHODS]
+            first = [(f"{m}@1", replace(seeded, method=m, fraction=1.0)) for m in CURVE_METHODS]
+            first += [(m, replace(seeded, method=m, fraction=1.0)) for m in FULL_METHODS]
+            planned += first
+            planned += [(f"{m}@{f:g}", replace(seeded, method=m, fraction=f))
+                        for f in sorted(self.fractions, reverse=True) if f != 1.0 for m in CURVE_METHODS]
         return planned
 
 
@@ -106,7 +116,8 @@ def collect(study: Study, progress: bool = True,
         found.setdefault(label, []).append(
             evaluate_run(base, RunDir.of(config), progress)[0]
             if not finished_only or finished_results(config) is not None else None)
-    for label, results in found.items():
+    for label in [*(k for k in found if k.startswith("source:")), *study.labels()]:
+        results = found[label]
         if None in results:
             missing.append(label)
         else:
