@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tests.pipeline_fixtures import common_flags, interrupt_when, run_cli, tiny_setup
+from xcross.experiment import finished_results
+from xcross.rundir import RunDir
+from xcross.settings import UsageError
 from xcross.study import _crossing
 
 TINY_STUDY = dict(target="toys", sources="sports,tools", max_train_users=16, max_examples_per_user=1,
@@ -96,3 +100,13 @@ def test_crossing_by_hand():
     assert _crossing(fractions, [0.2, 0.4, 0.5], 0.3) == pytest.approx(math.sqrt(0.025))
     assert _crossing(fractions, [0.2, 0.4, 0.5], 0.1) == 0.1  # already above at the smallest fraction
     assert _crossing(fractions, [0.2, 0.4, 0.5], 0.6) == math.inf  # never reached
+
+
+def test_a_source_adapter_is_the_lora_run_of_the_arrangement_that_targets_its_domain(straight):
+    source = RunDir.load(straight / "sports" / "lora").config()  # trained as a source of the toys arrangement
+    assert source.sources == () and source.method == "lora"
+    results = finished_results(replace(source, sources=("toys", "tools")))  # `lora` of toys,tools -> sports
+    assert results is not None and results["completed"] and results["test"] is None  # reused, tested when compared
+    xcross = RunDir.load(straight / "toys" / "xcross").config()
+    with pytest.raises(UsageError, match="holds a run trained otherwise .*sources"):  # X-Cross does read them
+        finished_results(replace(xcross, sources=("tools", "sports")))

@@ -23,6 +23,9 @@ NOT_IDENTITY = ("out", "preset", "preset_reason", "train_sources", "model.device
 # What may change when an interrupted run is resumed: where and how it executes, never what it computes.
 RESUMABLE_CHANGES = ("out", "preset", "preset_reason", "train_sources", "model.device", "model.compile",
                      "train.loggers")
+# What a method does not read: a LoRA run on a target uses no source, so the sources it was listed with are not part
+# of what it is (an arrangement's source adapter on `toys` is also the `lora` run of the arrangement targeting toys).
+UNUSED_BY = {"lora": ("sources",)}
 # What a source adapter is a product of: a finished source run is reused by any run that agrees on these.
 SOURCE_IDENTITY = ("model.model_dir", "model.lora", "data", "train.seed")
 
