@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.pipeline_fixtures import common_flags, interrupt_when, run_cli, tiny_setup
-from xcross.experiment import finished_results
+from xcross import experiment
+from xcross.experiment import evaluate_run, finished_results
 from xcross.rundir import RunDir
 from xcross.settings import UsageError
 from xcross.study import _crossing
@@ -102,11 +103,19 @@ def test_crossing_by_hand():
     assert _crossing(fractions, [0.2, 0.4, 0.5], 0.6) == math.inf  # never reached
 
 
-def test_a_source_adapter_is_the_lora_run_of_the_arrangement_that_targets_its_domain(straight):
+def test_a_source_adapter_is_the_lora_run_of_the_arrangement_that_targets_its_domain(straight, monkeypatch):
     source = RunDir.load(straight / "sports" / "lora").config()  # trained as a source of the toys arrangement
     assert source.sources == () and source.method == "lora"
-    results = finished_results(replace(source, sources=("toys", "tools")))  # `lora` of toys,tools -> sports
+    as_lora = replace(source, sources=("toys", "tools"))  # the `lora` run of the arrangement toys,tools -> sports
+    results = finished_results(as_lora)
     assert results is not None and results["completed"] and results["test"] is None  # reused, tested when compared
+    run_dir = RunDir.load(straight / "sports" / "lora")
+    assert not run_dir.file("test_scores.npz").exists()
+    scored, _ = evaluate_run(as_lora, run_dir, progress=False)
+    assert scored.scores.shape == (16, as_lora.data.num_candidates)
+    monkeypatch.setattr(experiment, "model_from_run", None)  # scored once: the second time is read back
+    again, _ = evaluate_run(as_lora, run_dir, progress=False)
+    assert (again.scores == scored.scores).all() and again.user_ids == scored.user_ids
     xcross = RunDir.load(straight / "toys" / "xcross").config()
     with pytest.raises(UsageError, match="holds a run trained otherwise .*sources"):  # X-Cross does read them
         finished_results(replace(xcross, sources=("tools", "sports")))

@@ -309,14 +309,16 @@ def model_from_run(run_dir: RunDir, decoder) -> XCrossModel:
 
 def evaluate_run(config: RunConfig, run_dir: RunDir, progress: bool = True) -> tuple[EvalResult, dict]:
     """A finished run's test scores under `config`'s evaluation settings: its stored scores where the settings
-    are the run's own, else its saved weights re-scored."""
+    are the run's own, else its saved weights re-scored (and stored, when the settings are its own but it was
+    trained without its test split)."""
     results, saved = run_dir.results(), run_dir.config()
     described = {"trainable": results["parameters"]["trainable"],
                  "train_examples": results["training"]["train_examples"]}
     same = not differences(saved, config, only=("data.max_eval_users", "data.eval_seed", "data.num_candidates",
                                                  "data.history_len", "data.title_tokens", "data.data_dir"))
-    if run_dir.file("test_scores.npz").is_file() and same:
-        return EvalResult.load(run_dir.file("test_scores.npz")), described
+    stored = run_dir.file("test_scores.npz")
+    if stored.is_file() and same:
+        return EvalResult.load(stored), described
     device, dtype = device_of(config)
     domain = load_domain(Path(config.data.data_dir) / config.target)
     model = model_from_run(run_dir, load_base(config, device, dtype))
@@ -324,4 +326,6 @@ def evaluate_run(config: RunConfig, run_dir: RunDir, progress: bool = True) -> t
                             saved.data.history_len)
     result = evaluate(model, eval_examples(domain, "test", config), builder, config.train.eval_batch_size, device,
                       desc=run_dir.name, progress=progress)
+    if same and dist_info().main:  # a run trained without its test split (a source adapter): scored once
+        result.save(stored)
     return result, described
