@@ -104,6 +104,20 @@ def test_from_run_refuses_missing_or_foreign_adapters(setup, tmp_path):
         Recommender.from_run(tmp_path)
 
 
+def test_from_run_names_a_damaged_base(setup, tmp_path):
+    damaged = tmp_path / "model"
+    shutil.copytree(setup["model"], damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as an interrupted copy leaves it
+    copy = tmp_path / "runs" / TARGET / "lora"
+    shutil.copytree(run_dir(setup, "lora"), copy, ignore=shutil.ignore_patterns("ckpt"))
+    config = json.loads((copy / "config.json").read_text())
+    config["out"], config["model"]["model_dir"] = str(tmp_path / "runs"), str(damaged)
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match=re.escape(f"cannot load the base model in {damaged}")):
+        Recommender.from_run(copy)
+
+
 # -- xcross-rank -----------------------------------------------------------------------------------------------------
 
 

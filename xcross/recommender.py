@@ -3,17 +3,17 @@ titles after their history with the run's own prompts, packing and scorer, so th
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .data import PromptBuilder, collate, pack
-from .experiment import model_from_run
+from .experiment import load_base, model_from_run
 from .rundir import RunDir
 from .settings import RunConfig, UsageError, default_model_dir, resolve_device
 from .tokenizer import Tokenizer
 from .training import length_multiple
-from .weights import load_decoder
 from .xcross import XCrossModel
 
 User = tuple[list[str], list[str]]  # (history titles oldest first, candidate titles)
@@ -49,8 +49,9 @@ class Recommender:
             raise UsageError(f"{run.path} was trained on the base model at {model_dir}, which is missing "
                              "(no config.json there)")
         device = resolve_device(device)
+        decoder = load_base(replace(config, model=replace(config.model, model_dir=str(model_dir))), device, dtype)
         try:
-            model = model_from_run(run, load_decoder(model_dir, device, dtype))
+            model = model_from_run(run, decoder)
         except ValueError as err:  # an adapter or checkpoint that does not fit the base
             raise UsageError(f"{run.path}: {err}") from err
         builder = PromptBuilder(Tokenizer.from_dir(model_dir), {}, config.data.title_tokens, config.data.history_len)
