@@ -81,6 +81,16 @@ def test_from_run_reproduces_the_stored_test_scores(setup, method):
                                -np.sort(-stored, axis=1), atol=1e-5, rtol=0)
 
 
+def copy_run_onto(setup, method: str, tmp_path: Path, model_dir: Path) -> Path:
+    """A copy of a finished run under tmp_path whose config.json names another base model directory."""
+    copy = tmp_path / "runs" / TARGET / method
+    shutil.copytree(run_dir(setup, method), copy, ignore=shutil.ignore_patterns("ckpt"))
+    config = json.loads((copy / "config.json").read_text())
+    config["out"], config["model"]["model_dir"] = str(tmp_path / "runs"), str(model_dir)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
 def test_from_run_refuses_missing_or_foreign_adapters(setup, tmp_path):
     adapter = setup["out"] / SOURCES[0] / "lora" / "best.safetensors"
     aside = adapter.with_name("aside.safetensors")
@@ -93,11 +103,7 @@ def test_from_run_refuses_missing_or_foreign_adapters(setup, tmp_path):
 
     # The run's config pointed at a base of another width: its source adapters do not fit, and the error names one.
     other = make_model_dir(tmp_path / "other-model", setup["world"], hidden_size=48)
-    copy = tmp_path / "runs" / TARGET / "xcross"
-    shutil.copytree(run_dir(setup, "xcross"), copy, ignore=shutil.ignore_patterns("ckpt"))
-    config = json.loads((copy / "config.json").read_text())
-    config["out"], config["model"]["model_dir"] = str(tmp_path / "runs"), str(other)
-    (copy / "config.json").write_text(json.dumps(config))
+    copy = copy_run_onto(setup, "xcross", tmp_path, other)
     with pytest.raises(UsageError, match=re.escape(f"{adapter} was trained on another base model")):
         Recommender.from_run(copy)
     with pytest.raises(UsageError, match="is not a run directory"):
@@ -109,11 +115,7 @@ def test_from_run_names_a_damaged_base(setup, tmp_path):
     shutil.copytree(setup["model"], damaged)
     weights = damaged / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # cut short, as an interrupted copy leaves it
-    copy = tmp_path / "runs" / TARGET / "lora"
-    shutil.copytree(run_dir(setup, "lora"), copy, ignore=shutil.ignore_patterns("ckpt"))
-    config = json.loads((copy / "config.json").read_text())
-    config["out"], config["model"]["model_dir"] = str(tmp_path / "runs"), str(damaged)
-    (copy / "config.json").write_text(json.dumps(config))
+    copy = copy_run_onto(setup, "lora", tmp_path, damaged)
     with pytest.raises(UsageError, match=re.escape(f"cannot load the base model in {damaged}")):
         Recommender.from_run(copy)
 
