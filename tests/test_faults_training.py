@@ -101,6 +101,9 @@ def test_resume_refuses_changed_settings_and_names_them(setup, tmp_path):
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert "was started with other settings" in proc.stderr and named in proc.stderr
     assert not (run_dir / "results.json").exists()
+    (run_dir / "config.json").unlink()  # what the checkpoints were trained with is now unknown
+    proc = run_cli("train.py", [*flags, "--resume"])
+    assert proc.returncode == 2 and "has checkpoints but no config.json" in proc.stderr, proc.stdout + proc.stderr
 
 
 def test_a_directory_spelled_relative_or_absolute_is_the_same_setting(tmp_path, monkeypatch):

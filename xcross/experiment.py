@@ -191,6 +191,9 @@ def train_method(config: RunConfig, decoder, adapters: list[Path], resume: bool 
     if not dist_info().main:
         return _train_method(config, decoder, adapters, resume, progress, test)
     with run_dir.lock():
+        if resume and (run_dir.path / "ckpt").is_dir() and not run_dir.file("config.json").is_file():
+            raise UsageError(f"--resume: {run_dir.path} has checkpoints but no config.json, so its settings cannot "
+                             "be checked; put config.json back, or start it over without --resume")
         if resume and run_dir.file("config.json").is_file() and (run_dir.path / "ckpt").is_dir():
             ignore = (*RESUMABLE_CHANGES, *UNUSED_BY.get(config.method, ()))
             if diff := differences(run_dir.config(), config, ignore=ignore):
