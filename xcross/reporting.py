@@ -58,12 +58,19 @@ def plot_curve(rows: list[dict], path: Path, target: str) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 4))
-    for method in sorted({r["method"] for r in rows if not r.get("baseline")}):  # baselines: lines, below
+    curves = sorted({r["method"] for r in rows if not r.get("baseline")})
+    for k, method in enumerate(curves):  # baselines: lines, below
         pts = sorted((r["fraction"], r["hit@1"]) for r in rows if r["method"] == method)
         x = [p[0] for p in pts]
         y = [p[1]["mean"] for p in pts]
-        ax.plot(x, y, marker="o", label=method)
-        ax.fill_between(x, [p[1]["low"] for p in pts], [p[1]["high"] for p in pts], alpha=0.2)
+        low, high = [p[1]["low"] for p in pts], [p[1]["high"] for p in pts]
+        (line,) = ax.plot(x, y, marker="o", label=method)
+        ax.fill_between(x, low, high, alpha=0.2, color=line.get_color())
+        # also as bars, set a little apart per method: a band needs two fractions, a study still running may have one
+        dodge = 1.025 ** (k - (len(curves) - 1) / 2)
+        below, above = [m - lo for m, lo in zip(y, low)], [hi - m for m, hi in zip(y, high)]
+        ax.errorbar([v * dodge for v in x], y, yerr=[below, above], fmt="none", ecolor=line.get_color(), capsize=3,
+                    linewidth=1)
     styles = ["--", ":", "-.", (0, (5, 1)), (0, (1, 3))]
     for i, r in enumerate(r for r in rows if r.get("baseline")):  # in the legend: labels of close lines collide
         ax.axhline(r["hit@1"]["mean"], linestyle=styles[i % len(styles)], linewidth=1.2, color=f"C{i + 2}",
