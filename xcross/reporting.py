@@ -77,6 +77,8 @@ def plot_curve(rows: list[dict], path: Path, target: str) -> bool:
                    label=f"{r['method']} (all users)" if r.get("trainable") else r["method"])
     fractions = sorted({r["fraction"] for r in rows if not r.get("baseline")})
     ax.set_xscale("log")
+    if len(fractions) == 1:  # log autoscale around one point would spread the bars' small offsets across the axes
+        ax.set_xlim(fractions[0] / 1.5, fractions[0] * 1.5)
     ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
     ax.minorticks_off()
     ax.set_xlabel("fraction of target training users")
