@@ -15,7 +15,7 @@ from .data import CandidateSampler, Domain, Example, PromptBuilder, load_domain
 from .distributed import barrier, dist_info, init_distributed
 from .methods import ADAPTER_FORMAT, CHECKPOINT_FORMAT, build_model, check_adapter, load_trained
 from .methods import parameter_report, read_adapter, save_adapter, trained_tensors
-from .rundir import NOT_IDENTITY, RESUMABLE_CHANGES, SOURCE_IDENTITY, UNUSED_BY, RunDir, differences
+from .rundir import NOT_IDENTITY, RESUMABLE_CHANGES, SOURCE_IDENTITY, RunDir, differences
 from .settings import (TRAINED_METHODS, RunConfig, UsageError, available_domains, resolve, resolve_device,
                        resolve_dtype, validate)
 from .tokenizer import Tokenizer
@@ -75,8 +75,7 @@ def finished_results(config: RunConfig) -> dict | None:
     run_dir = RunDir.of(config)
     if not run_dir.finished():
         return None
-    ignore = (*NOT_IDENTITY, "model.model_dir", *UNUSED_BY.get(config.method, ()))
-    if diff := differences(run_dir.config(), config, ignore=ignore):
+    if diff := differences(run_dir.config(), config, ignore=(*NOT_IDENTITY, "model.model_dir")):
         raise UsageError(f"{run_dir.path} holds a run trained otherwise ({'; '.join(diff)}); use another --out or "
                          "delete it")
     return run_dir.results()
@@ -191,12 +190,11 @@ def train_method(config: RunConfig, decoder, adapters: list[Path], resume: bool 
     if not dist_info().main:
         return _train_method(config, decoder, adapters, resume, progress, test)
     with run_dir.lock():
-        if resume and (run_dir.path / "ckpt").is_dir() and not run_dir.file("config.json").is_file():
-            raise UsageError(f"--resume: {run_dir.path} has checkpoints but no config.json, so its settings cannot "
-                             "be checked; put config.json back, or start it over without --resume")
-        if resume and run_dir.file("config.json").is_file() and (run_dir.path / "ckpt").is_dir():
-            ignore = (*RESUMABLE_CHANGES, *UNUSED_BY.get(config.method, ()))
-            if diff := differences(run_dir.config(), config, ignore=ignore):
+        if resume and (run_dir.path / "ckpt").is_dir():
+            if not run_dir.file("config.json").is_file():
+                raise UsageError(f"--resume: {run_dir.path} has checkpoints but no config.json, so its settings "
+                                 "cannot be checked; put config.json back, or start it over without --resume")
+            if diff := differences(run_dir.config(), config, ignore=RESUMABLE_CHANGES):
                 raise UsageError(f"--resume: {run_dir.path} was started with other settings ({'; '.join(diff)}); "
                                  "resume with the same flags, or start it over without --resume")
         return _train_method(config, decoder, adapters, resume, progress, test)

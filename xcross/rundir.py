@@ -46,8 +46,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def differences(saved: RunConfig, wanted: RunConfig, only: tuple[str, ...] | None = None,
                 ignore: tuple[str, ...] = NOT_IDENTITY) -> list[str]:
-    """Dotted paths (with both values) where two configurations differ, within `only` and outside `ignore`."""
+    """Dotted paths (with both values) where two configurations differ, within `only` and outside `ignore` and
+    what the saved run's method does not read (`UNUSED_BY`)."""
     a, b = _flatten(saved.to_dict()), _flatten(wanted.to_dict())
+    ignore = (*ignore, *UNUSED_BY.get(saved.method, ()))
 
     def within(key: str, paths) -> bool:
         return any(key == p or key.startswith(p + ".") for p in paths)

@@ -194,10 +194,11 @@ def build_report(study: Study, results: dict[str, list[EvalResult]], missing: li
 
 
 def _parameters(study: Study) -> dict | None:
-    config = prepare(replace(study.base.with_values({"train.seed": study.seeds[0]}), method="xcross"))
-    if not RunDir.of(config).finished():
+    results = finished_results(prepare(replace(study.base.with_values({"train.seed": study.seeds[0]}),
+                                               method="xcross")))
+    if results is None:
         return None
-    report = RunDir.of(config).results()["parameters"]
+    report = results["parameters"]
     return {"xcross_trainable": report["trainable"], "target_lora_equivalent": report["target_lora_equivalent"],
             "ratio": report["ratio_to_target_lora"]}
 
@@ -226,11 +227,9 @@ def judge(study: Study, per_user: dict[str, dict[str, np.ndarray]], missing: lis
         claim = {"claim": match_claim, "evidence": {"xcross@1 - lora@1": match},
                  "verdict": verdict(match, -MATCH_MARGIN)}
     claims.append(claim)
-    if at_fractions and (claim := unmeasured(data_claim, [*(f"lora@{f:g}" for f in study.fractions),
-                                                         *(f"xcross@{f:g}" for f in at_fractions)])):
-        claims.append(claim)
-    elif at_fractions:
-        claims.append(_data_claim(study, per_user, data_claim, at_fractions))
+    if at_fractions:
+        needs = [*(f"lora@{f:g}" for f in study.fractions), *(f"xcross@{f:g}" for f in at_fractions)]
+        claims.append(unmeasured(data_claim, needs) or _data_claim(study, per_user, data_claim, at_fractions))
     baselines = ["merge", "ensemble", *[f"source:{s}" for s in study.base.sources]]
     if claim := unmeasured(baseline_claim, ["xcross@1", *baselines]):
         claims.append(claim)
@@ -266,8 +265,7 @@ def format_markdown(report: dict) -> str:
     if report.get("missing"):
         lines += [f"**Partial report**: not finished yet: {', '.join(report['missing'])}. Run the study command "
                   "without --report-only to train them.", ""]
-    lines += [
-             "| method | Hit@1 | MRR | Hit@1 per seed |", "|---|---|---|---|"]
+    lines += ["| method | Hit@1 | MRR | Hit@1 per seed |", "|---|---|---|---|"]
     for r in report["rows"]:
         cells = [f"{r[m]['mean']:.3f} [{r[m]['low']:.3f}, {r[m]['high']:.3f}]" for m in ("hit@1", "mrr")]
         lines.append(f"| {r['method']} | {cells[0]} | {cells[1]} | "
