@@ -218,6 +218,31 @@ def test_xcross_outputs_reproduce(setup, xcross_run):
     np.testing.assert_allclose(again.scores, scores, atol=1e-5, rtol=0)
 
 
+def test_no_test_selects_on_validation_and_evaluate_tests_it_later(setup, flags, lora_run, tmp_path):
+    """`--no-test` trains the same run as a tested one (same validation, same weights) without scoring the test
+    split; evaluate.py with the same flags scores it later, to the tested run's scores."""
+    tested = setup["root"] / "runs" / TARGET / "lora"
+    out = tmp_path / "runs"
+    args = [*flags[:flags.index("--out")], "--out", str(out), *flags[flags.index("--out") + 2:], "--method", "lora"]
+    proc = run_cli("train.py", [*args, "--no-test"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    untested = out / TARGET / "lora"
+    results = json.loads((untested / "results.json").read_text())
+    assert results["test"] is None and results["test_users"] == 0
+    assert not (untested / "test_scores.npz").exists() and "test results" not in proc.stdout
+    reference = json.loads((tested / "results.json").read_text())["training"]
+    assert results["training"]["valid_history"] == reference["valid_history"]
+    best = next(h["valid"] for h in reference["valid_history"] if h["step"] == reference["best_step"])
+    assert f"validation of the selected step {reference['best_step']}" in proc.stdout
+    assert f"mrr {best['mrr']:.3f}" in proc.stdout
+
+    proc = run_cli("evaluate.py", [*args[:-2], "--methods", "lora"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    again, want = np.load(untested / "test_scores.npz"), np.load(tested / "test_scores.npz")
+    assert [str(u) for u in again["user_ids"]] == [str(u) for u in want["user_ids"]]
+    np.testing.assert_allclose(again["scores"], want["scores"], atol=1e-5, rtol=0)
+
+
 def test_xcross_training_log(setup, xcross_run):
     run_dir = setup["root"] / "runs" / TARGET / "xcross"
     records = read_jsonl(run_dir / "log.jsonl")

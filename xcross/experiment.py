@@ -59,14 +59,15 @@ def load_base(config: RunConfig, device: str, dtype: torch.dtype):
     return decoder
 
 
-def run(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
+def run(config: RunConfig, resume: bool = False, progress: bool = True, test: bool = True) -> dict:
     """A whole `xcross-train` run: the preset and checks (`prepare`), the missing source adapters trained (LoRA +
-    head on each source domain), then the method trained and tested on the target. Returns the results."""
+    head on each source domain), then the method trained and tested on the target (`test=False`: selected on
+    validation only). Returns the results."""
     config = prepare(config)
     device, dtype = device_of(config)
     decoder = load_base(config, device, dtype)
     adapters = ensure_sources(config, decoder, resume, progress) if config.method in SOURCE_METHODS else []
-    return train_method(config, decoder, adapters, resume, progress)
+    return train_method(config, decoder, adapters, resume, progress, test)
 
 
 def finished_results(config: RunConfig) -> dict | None:

@@ -29,7 +29,7 @@ FLAGS = {
     "max_eval_users": ("data.max_eval_users", int, "seeded subsample of validation/test users (cpu preset 64, "
                                                    "gpu 2000)"),
     "max_valid_users": ("data.max_valid_users", int, "fewer validation users than test users (default: "
-                                                     "--max-eval-users; study-cpu preset 128)"),
+                                                     "--max-eval-users; study-cpu preset 64)"),
     "eval_seed": ("data.eval_seed", int, "seed of that subsample; --seed never changes it (default 0)"),
     "rank": ("model.lora.rank", int, "LoRA rank (default 8)"),
     "alpha": ("model.lora.alpha", float, "LoRA alpha (default 16)"),

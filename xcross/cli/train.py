@@ -22,6 +22,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         epilog="Without --data-dir the embedded demo world (data/demo) is generated on first use; without "
                "--model-dir Gemma 3 270M is converted from its PyPI GGUF. Presets: " + ", ".join(PRESETS) + ".")
     add_run_arguments(parser)
+    parser.add_argument("--no-test", dest="test", action="store_false",
+                        help="train and select on validation only, leaving the test split unread (for choosing "
+                             "settings; `xcross-evaluate` with the same flags tests it later)")
     return parser
 
 
@@ -42,8 +45,16 @@ def _main(argv: list[str] | None) -> int:
         config = prepare(config)
         if dist_info().main:
             print(f"preset {config.preset}: {config.preset_reason}")
-        results = run(config, resume=args.resume, progress=not args.quiet)
-        if dist_info().main:
+        results = run(config, resume=args.resume, progress=not args.quiet, test=args.test)
+        if dist_info().main and not args.test:
+            training = results["training"]
+            valid = next((h["valid"] for h in training["valid_history"] if h["step"] == training["best_step"]),
+                         training["best_valid"])
+            print(f"\nvalidation of the selected step {training['best_step']} on {config.target} (the test split "
+                  "is not read): " + ", ".join(f"{m} {v:.3f}" for m, v in valid.items()))
+            print(f"wrote {RunDir.of(config).path}/results.json, config.json, best.safetensors "
+                  f"({results['seconds']:.0f} s in all)")
+        elif dist_info().main:
             run_dir = RunDir.of(config)
             rows = comparison_rows({config.method: (EvalResult.load(run_dir.file("test_scores.npz")), {
                 "trainable": results["parameters"]["trainable"],
