@@ -16,7 +16,10 @@ from xcross import experiment
 from xcross.experiment import evaluate_run, finished_results
 from xcross.rundir import RunDir
 from xcross.settings import UsageError
-from xcross.study import _crossing
+import numpy as np
+
+from xcross.settings import RunConfig
+from xcross.study import Study, _crossing, _strict_json, data_efficiency, format_markdown
 
 TINY_STUDY = dict(target="toys", sources="sports,tools", max_train_users=16, max_examples_per_user=1,
                   max_eval_users=16, max_valid_users=8, batch_size=4, epochs=1, history_len=3, title_tokens=8,
@@ -101,6 +104,36 @@ def test_crossing_by_hand():
     assert _crossing(fractions, [0.2, 0.4, 0.5], 0.3) == pytest.approx(math.sqrt(0.025))
     assert _crossing(fractions, [0.2, 0.4, 0.5], 0.1) == 0.1  # already above at the smallest fraction
     assert _crossing(fractions, [0.2, 0.4, 0.5], 0.6) == math.inf  # never reached
+
+
+def test_data_efficiency_beyond_the_measured_range():
+    """X-Cross at 25% hits the users LoRA on 100% misses: in most resamples LoRA's curve never gets there, so the
+    interval's upper end is "more than 1", written as such, and report.json stays strict JSON."""
+    hits = np.zeros(40)
+    lora_all, xcross = hits.copy(), hits.copy()
+    lora_all[:18], xcross[18:38] = 1, 1  # LoRA@1 0.45 < X-Cross@0.25 0.5; the same users never hit both
+    per_user = {"lora@0.25": {"hit@1": hits}, "lora@1": {"hit@1": lora_all}, "xcross@0.25": {"hit@1": xcross}}
+    e = data_efficiency(Study(RunConfig(), fractions=(0.25, 1.0)), per_user, 0.25, bootstrap=400)
+    # By hand: LoRA@0.25 is 0, so where LoRA@1's mean m reaches X-Cross's t the crossing is 0.25 * 4^(t/m).
+    draws = []
+    for idx in np.random.default_rng(0).integers(0, 40, size=(400, 40)):
+        t, m = xcross[idx].mean(), lora_all[idx].mean()
+        draws.append(0.25 * 4 ** (t / m) if m >= t else math.inf)
+    draws.sort()
+    assert e["lora_fraction_needed"] == math.inf and e["high"] == math.inf
+    assert e["never_reached_share"] == pytest.approx(np.mean(np.isinf(draws)))
+    assert e["low"] == pytest.approx(draws[math.ceil(0.025 * 400) - 1]) and 0.25 < e["low"] < 1
+    claim = {"claim": "data", "verdict": "holds", "evidence": {"0.25": e}}
+    report = {"sources": ["a"], "target": "b", "test_users": 40, "seeds": [0], "rows": [], "reference": "lora@1",
+              "paired": [], "parameters": None, "claims": [claim], "fractions": [0.25, 1.0]}
+    line = next(line for line in format_markdown(report).splitlines() if "LoRA needs" in line)
+    assert "LoRA needs > 1 [" in line and line.split("[")[1].split("]")[0].endswith("> 1") and "nan" not in line
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    text = json.dumps(_strict_json(report), allow_nan=False)
+    assert json.loads(text, parse_constant=refuse)["claims"][0]["evidence"]["0.25"]["high"] is None
 
 
 def test_a_source_adapter_is_the_lora_run_of_the_arrangement_that_targets_its_domain(straight, monkeypatch):

@@ -150,7 +150,8 @@ def _crossing(fractions: list[float], values: list[float], level: float) -> floa
 def data_efficiency(study: Study, per_user: dict[str, dict[str, np.ndarray]], at: float, bootstrap: int = 1000,
                     seed: int = 0) -> dict:
     """The fraction of target users LoRA needs to reach X-Cross's Hit@1 at fraction `at` (interpolated on LoRA's
-    curve), with a 95% interval from resampling users (the same resample for every point of both curves)."""
+    curve), with a 95% interval from resampling users (the same resample for every point of both curves). A
+    fraction is +inf where LoRA stays below at every measured fraction (null in report.json)."""
     fractions = sorted(study.fractions)
     lora = np.stack([per_user[f"lora@{f:g}"]["hit@1"] for f in fractions])  # (F, N)
     target = per_user[f"xcross@{at:g}"]["hit@1"]
@@ -160,7 +161,9 @@ def data_efficiency(study: Study, per_user: dict[str, dict[str, np.ndarray]], at
     draws = []
     for idx in rng.integers(0, n, size=(bootstrap, n)):
         draws.append(_crossing(fractions, lora[:, idx].mean(1).tolist(), float(target[idx].mean())))
-    low, high = np.percentile(draws, [2.5, 97.5])
+    # No interpolation between draws: a resample that never reaches the level is +inf ("more than the largest
+    # fraction"), and an interval bound among those draws is +inf too, not inf - inf.
+    low, high = np.percentile(draws, [2.5, 97.5], method="inverted_cdf")
     return {"xcross_fraction": at, "xcross_hit@1": float(target.mean()), "lora_fraction_needed": estimate,
             "low": float(low), "high": float(high), "never_reached_share": float(np.mean(np.isinf(draws))),
             "data_saving": 1 - at / estimate if math.isfinite(estimate) else 1.0}
@@ -288,15 +291,31 @@ def format_markdown(report: dict) -> str:
             if "diff" in e:
                 lines.append(f"  - {name}: {e['diff']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}], p = {e['p']:.3g}")
             else:
+                needed = [_fraction(e[k], max(report["fractions"])) for k in ("lora_fraction_needed", "low", "high")]
                 lines.append(f"  - X-Cross at {name} of the users (Hit@1 {e['xcross_hit@1']:.3f}): LoRA needs "
-                             f"{e['lora_fraction_needed']:.3g} [{e['low']:.3g}, {e['high']:.3g}] of them "
+                             f"{needed[0]} [{needed[1]}, {needed[2]}] of them "
                              f"(never within the measured range in {e['never_reached_share']:.0%} of resamples)")
     return "\n".join(lines) + "\n"
 
 
+def _fraction(value: float, largest: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else f"> {largest:g}"
+
+
+def _strict_json(value):
+    """`value` with every non-finite float as None: JSON has no Infinity or NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def write_report(study: Study, report: dict) -> None:
     """report.json, report.md, curve.png (Hit@1 against the fraction, with intervals) in the study directory."""
-    atomic_write(study.out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write(study.out / "report.json", json.dumps(_strict_json(report), indent=2, allow_nan=False) + "\n")
     atomic_write(study.out / "report.md", format_markdown(report))
     rows = []
     for r in report["rows"]:
