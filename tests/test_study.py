@@ -57,6 +57,20 @@ def test_study_report(straight):
     assert {p["method"] for p in report["paired"]} == set(labels) - {"lora@1"}
     assert all(-1 <= p["hit@1"]["low"] <= p["hit@1"]["diff"] <= p["hit@1"]["high"] <= 1 for p in report["paired"])
     assert [c["verdict"] in VERDICTS for c in report["claims"]] == [True, True]  # no 0.1/0.25: no data claim
+
+    def hit1(run: str):  # per-user Hit@1 by hand, a tie at the top shared
+        saved = np.load(straight / "toys" / run / "test_scores.npz")
+        scores, labels = saved["scores"], saved["labels"]
+        true = scores[np.arange(len(labels)), labels]
+        return (true >= scores.max(1)) / (scores == true[:, None]).sum(1)
+
+    assert [p["fraction"] for p in report["same_fraction"]] == [0.5, 1.0]
+    for p in report["same_fraction"]:
+        runs = {m: [f"{m}{'' if p['fraction'] == 1 else '-f0.5'}{s}" for s in ("", "-s1")] for m in ("xcross", "lora")}
+        want = np.mean([hit1(r) for r in runs["xcross"]], 0) - np.mean([hit1(r) for r in runs["lora"]], 0)
+        assert p["hit@1"]["diff"] == pytest.approx(want.mean(), abs=1e-9)
+        assert p["hit@1"]["low"] <= p["hit@1"]["diff"] <= p["hit@1"]["high"]
+    assert "X-Cross against LoRA trained on the same fraction" in (study / "report.md").read_text()
     assert (study / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Claims" in (study / "report.md").read_text()
     # every seed trained into a directory of its own, sources included

@@ -189,10 +189,14 @@ def build_report(study: Study, results: dict[str, list[EvalResult]], missing: li
         if label != study.reference:
             paired.append({"method": label, "reference": study.reference,
                            **{m: paired_difference(per_user[label][m], ref[m], seed=0) for m in ("hit@1", "mrr")}})
+    # X-Cross against LoRA trained on the same users: the data-efficiency question fraction by fraction.
+    same_fraction = [{"fraction": f, **{m: paired_difference(per_user[f"xcross@{f:g}"][m], per_user[f"lora@{f:g}"][m],
+                                                             seed=0) for m in ("hit@1", "mrr")}}
+                     for f in sorted(study.fractions) if f"xcross@{f:g}" in per_user and f"lora@{f:g}" in per_user]
     claims = judge(study, per_user, list(missing))
     return {"target": study.base.target, "sources": list(study.base.sources), "fractions": list(study.fractions),
             "seeds": list(study.seeds), "reference": study.reference, "test_users": rows[0]["users"],
-            "rows": rows, "paired": paired, "claims": claims, "missing": list(missing),
+            "rows": rows, "paired": paired, "same_fraction": same_fraction, "claims": claims, "missing": list(missing),
             "parameters": _parameters(study)}
 
 
@@ -279,6 +283,13 @@ def format_markdown(report: dict) -> str:
         h, m = p["hit@1"], p["mrr"]
         lines.append(f"| {p['method']} | {h['diff']:+.3f} [{h['low']:+.3f}, {h['high']:+.3f}] | {h['p']:.3g} | "
                      f"{m['diff']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}] | {m['p']:.3g} |")
+    if report.get("same_fraction"):
+        lines += ["", "X-Cross against LoRA trained on the same fraction of the target users (paired, as above):", "",
+                  "| fraction | ΔHit@1 | p | ΔMRR | p |", "|---|---|---|---|---|"]
+        for p in report["same_fraction"]:
+            h, m = p["hit@1"], p["mrr"]
+            lines.append(f"| {p['fraction']:g} | {h['diff']:+.3f} [{h['low']:+.3f}, {h['high']:+.3f}] | {h['p']:.3g} | "
+                         f"{m['diff']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}] | {m['p']:.3g} |")
     if params := report["parameters"]:
         lines += ["", f"X-Cross trains {params['xcross_trainable']:,} parameters, {params['ratio']:.0%} of a target "
                   f"LoRA + head ({params['target_lora_equivalent']:,})."]
