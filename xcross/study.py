@@ -265,6 +265,12 @@ def _combine(verdicts: list[str]) -> str:
     return "undecided at this size"
 
 
+def _paired_row(name: str, paired: dict) -> str:
+    h, m = paired["hit@1"], paired["mrr"]
+    return (f"| {name} | {h['diff']:+.3f} [{h['low']:+.3f}, {h['high']:+.3f}] | {h['p']:.3g} | "
+            f"{m['diff']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}] | {m['p']:.3g} |")
+
+
 def format_markdown(report: dict) -> str:
     lines = [f"# Study: {', '.join(report['sources'])} -> {report['target']}", "",
              f"{report['test_users']} test users (the same for every method), seeds {report['seeds']}; means over "
@@ -280,16 +286,12 @@ def format_markdown(report: dict) -> str:
     lines += ["", f"Paired differences against {report['reference']} (same users; paired bootstrap 95% interval, "
               "sign-flip test p):", "", "| method | ΔHit@1 | p | ΔMRR | p |", "|---|---|---|---|---|"]
     for p in report["paired"]:
-        h, m = p["hit@1"], p["mrr"]
-        lines.append(f"| {p['method']} | {h['diff']:+.3f} [{h['low']:+.3f}, {h['high']:+.3f}] | {h['p']:.3g} | "
-                     f"{m['diff']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}] | {m['p']:.3g} |")
+        lines.append(_paired_row(p["method"], p))
     if report.get("same_fraction"):
         lines += ["", "X-Cross against LoRA trained on the same fraction of the target users (paired, as above):", "",
                   "| fraction | ΔHit@1 | p | ΔMRR | p |", "|---|---|---|---|---|"]
         for p in report["same_fraction"]:
-            h, m = p["hit@1"], p["mrr"]
-            lines.append(f"| {p['fraction']:g} | {h['diff']:+.3f} [{h['low']:+.3f}, {h['high']:+.3f}] | {h['p']:.3g} | "
-                         f"{m['diff']:+.3f} [{m['low']:+.3f}, {m['high']:+.3f}] | {m['p']:.3g} |")
+            lines.append(_paired_row(f"{p['fraction']:g}", p))
     if params := report["parameters"]:
         lines += ["", f"X-Cross trains {params['xcross_trainable']:,} parameters, {params['ratio']:.0%} of a target "
                   f"LoRA + head ({params['target_lora_equivalent']:,})."]
