@@ -9,16 +9,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.pipeline_fixtures import common_flags, interrupt_when, run_cli, tiny_setup
 from xcross import experiment
 from xcross.experiment import evaluate_run, finished_results
 from xcross.rundir import RunDir
-from xcross.settings import UsageError
-import numpy as np
-
-from xcross.settings import RunConfig
+from xcross.settings import RunConfig, UsageError
 from xcross.study import Study, _crossing, _strict_json, data_efficiency, format_markdown
 
 TINY_STUDY = dict(target="toys", sources="sports,tools", max_train_users=16, max_examples_per_user=1,

@@ -169,6 +169,11 @@ def data_efficiency(study: Study, per_user: dict[str, dict[str, np.ndarray]], at
             "data_saving": 1 - at / estimate if math.isfinite(estimate) else 1.0}
 
 
+def _paired(method: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict:
+    """Paired Hit@1 and MRR differences of one method's per-user metrics against another's."""
+    return {m: paired_difference(method[m], reference[m], seed=0) for m in ("hit@1", "mrr")}
+
+
 def build_report(study: Study, results: dict[str, list[EvalResult]], missing: list[str] = ()) -> dict:
     per_user = {label: _per_user(r) for label, r in results.items()}
     rows = []
@@ -187,11 +192,9 @@ def build_report(study: Study, results: dict[str, list[EvalResult]], missing: li
     paired = []
     for label in per_user:
         if label != study.reference:
-            paired.append({"method": label, "reference": study.reference,
-                           **{m: paired_difference(per_user[label][m], ref[m], seed=0) for m in ("hit@1", "mrr")}})
+            paired.append({"method": label, "reference": study.reference, **_paired(per_user[label], ref)})
     # X-Cross against LoRA trained on the same users: the data-efficiency question fraction by fraction.
-    same_fraction = [{"fraction": f, **{m: paired_difference(per_user[f"xcross@{f:g}"][m], per_user[f"lora@{f:g}"][m],
-                                                             seed=0) for m in ("hit@1", "mrr")}}
+    same_fraction = [{"fraction": f, **_paired(per_user[f"xcross@{f:g}"], per_user[f"lora@{f:g}"])}
                      for f in sorted(study.fractions) if f"xcross@{f:g}" in per_user and f"lora@{f:g}" in per_user]
     claims = judge(study, per_user, list(missing))
     return {"target": study.base.target, "sources": list(study.base.sources), "fractions": list(study.fractions),

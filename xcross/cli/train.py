@@ -46,22 +46,21 @@ def _main(argv: list[str] | None) -> int:
         if dist_info().main:
             print(f"preset {config.preset}: {config.preset_reason}")
         results = run(config, resume=args.resume, progress=not args.quiet, test=args.test)
-        if dist_info().main and not args.test:
-            training = results["training"]
-            valid = next((h["valid"] for h in training["valid_history"] if h["step"] == training["best_step"]),
-                         training["best_valid"])
-            print(f"\nvalidation of the selected step {training['best_step']} on {config.target} (the test split "
-                  "is not read): " + ", ".join(f"{m} {v:.3f}" for m, v in valid.items()))
-            print(f"wrote {RunDir.of(config).path}/results.json, config.json, best.safetensors "
-                  f"({results['seconds']:.0f} s in all)")
-        elif dist_info().main:
+        if dist_info().main:
             run_dir = RunDir.of(config)
-            rows = comparison_rows({config.method: (EvalResult.load(run_dir.file("test_scores.npz")), {
-                "trainable": results["parameters"]["trainable"],
-                "train_examples": results["training"]["train_examples"]})}, seed=config.train.seed)
-            print(f"\ntest results on {config.target} ({results['test_users']} users, "
-                  f"{config.data.num_candidates} candidates each; 95% bootstrap intervals):")
-            print(format_table(rows))
+            if args.test:
+                rows = comparison_rows({config.method: (EvalResult.load(run_dir.file("test_scores.npz")), {
+                    "trainable": results["parameters"]["trainable"],
+                    "train_examples": results["training"]["train_examples"]})}, seed=config.train.seed)
+                print(f"\ntest results on {config.target} ({results['test_users']} users, "
+                      f"{config.data.num_candidates} candidates each; 95% bootstrap intervals):")
+                print(format_table(rows))
+            else:
+                training = results["training"]
+                valid = next((h["valid"] for h in training["valid_history"] if h["step"] == training["best_step"]),
+                             training["best_valid"])
+                print(f"\nvalidation of the selected step {training['best_step']} on {config.target} (the test "
+                      "split is not read): " + ", ".join(f"{m} {v:.3f}" for m, v in valid.items()))
             print(f"\nwrote {run_dir.path}/results.json, config.json, best.safetensors "
                   f"({results['seconds']:.0f} s in all)")
         return 0
