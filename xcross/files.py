@@ -1,8 +1,10 @@
 """Writing files and directories so that a reader never sees half of one: build beside the destination under a
-temporary name, then rename into place. Every writer of the project goes through these two helpers."""
+temporary name, then rename into place. Every writer of the project goes through these two helpers; `exclusive`
+makes the builders of a shared file (the converted weights) take turns."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -40,6 +42,21 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def exclusive(dest: str | Path) -> Iterator[None]:
+    """Hold `dest` for this process while it checks and builds it: a second process waits here, then finds it
+    built. The lock is on the folder `dest` is built in (no lock file is left behind), so the builders of its
+    siblings take turns too; it goes with the process, however that ends."""
+    parent = Path(dest).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def replace_path(src: Path, dest: Path) -> None:
