@@ -19,7 +19,7 @@ from tests.pipeline_fixtures import (
 from xcross.data import CandidateSampler, PromptBuilder, load_domain
 from xcross.lora import LoRAConfig
 from xcross.tokenizer import Tokenizer
-from xcross.training import TrainConfig, TrainingDiverged, fit
+from xcross.training import TrainConfig, TrainingDiverged, evaluate, fit
 from xcross.weights import load_decoder
 from xcross.methods import build_model, trained_tensors
 
@@ -142,3 +142,49 @@ def test_non_finite_training_stops_with_the_step_and_updates_nothing(setup, tmp_
     assert all(torch.isfinite(p).all() for _, p in model.trainable_parameters())
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert logged and all(np.isfinite(r["loss"]) for r in logged)  # only finite steps were logged
+
+
+def test_an_interrupted_evaluation_continues_to_the_same_scores(setup, tmp_path):
+    """`evaluate(partial=...)` saves the scores after every batch: stopped after two of its batches and run again,
+    it scores only the remaining batches and returns exactly the scores of an uninterrupted evaluation. Saved
+    scores are not reused for other weights, and a damaged file is ignored."""
+    domain = load_domain(setup["world"] / TARGET)
+    examples = domain.test[:10]
+    builder = PromptBuilder(Tokenizer.from_dir(setup["model"]), domain.items, 8, 3)
+    torch.manual_seed(0)
+    model = build_model(load_decoder(setup["model"]), "lora", [], lora=LoRAConfig(rank=4, alpha=8, dropout=0))
+    reference = evaluate(model, examples, builder, batch_size=3, progress=False).scores  # batches of 3, 3, 3, 1
+    calls, score = [], model.score
+
+    def stop_at(n):
+        def scored(batch):
+            calls.append(batch)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return score(batch)
+        return scored
+
+    partial = tmp_path / "scores.partial.npz"
+    model.score = stop_at(3)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, examples, builder, batch_size=3, progress=False, partial=partial, weights="w0")
+    with np.load(partial) as saved:
+        assert int(saved["done"]) == 6
+    calls.clear()
+    model.score = stop_at(0)  # never stops
+    resumed = evaluate(model, examples, builder, batch_size=3, progress=False, partial=partial, weights="w0")
+    assert len(calls) == 2 and np.array_equal(resumed.scores, reference)
+    assert not partial.exists()
+
+    for stale in ("other weights", "damaged"):
+        model.score = stop_at(3)
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(model, examples, builder, batch_size=3, progress=False, partial=partial, weights="w0")
+        if stale == "damaged":
+            partial.write_bytes(partial.read_bytes()[:40])
+        calls.clear()
+        model.score = stop_at(0)
+        weights = "w1" if stale == "other weights" else "w0"
+        again = evaluate(model, examples, builder, batch_size=3, progress=False, partial=partial, weights=weights)
+        assert len(calls) == 4 and np.array_equal(again.scores, reference), stale

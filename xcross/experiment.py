@@ -3,6 +3,7 @@ trained, selected on validation and tested), and the test scores of every method
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from dataclasses import asdict, replace
@@ -24,6 +25,7 @@ from .weights import load_decoder, load_tensors, save_tensors
 from .xcross import XCrossModel
 
 SOURCE_METHODS = ("xcross", "ensemble", "merge")  # the methods built on source adapters
+PARTIAL_SCORES = "test_scores.partial.npz"  # in a run directory: an interrupted test evaluation's scores so far
 
 
 def prepare(config: RunConfig) -> RunConfig:
@@ -236,7 +238,7 @@ def _train_method(config: RunConfig, decoder, adapters: list[Path], resume: bool
     if test:
         test_start = time.perf_counter()
         result = evaluate(model, test_examples, builder, config.train.eval_batch_size, device, desc="test",
-                          progress=progress)
+                          progress=progress, partial=run_dir.file(PARTIAL_SCORES), weights=digest(run_dir.best))
         test_seconds = time.perf_counter() - test_start
     results = {
         "method": config.method, "target": config.target, "sources": list(config.sources) if adapters else [],
@@ -256,6 +258,11 @@ def _train_method(config: RunConfig, decoder, adapters: list[Path], resume: bool
 # -- test scores of every method, for comparisons --------------------------------------------------------------------
 
 
+def digest(path: Path) -> str:
+    """sha256 of a weights file: what a partial evaluation is kept for."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def popularity_scores(domain: Domain, examples: list[Example]) -> EvalResult:
     """Score candidates by how many training users interacted with them (ties broken in expectation)."""
     users_of: dict[str, set] = {}
@@ -273,8 +280,10 @@ def evaluate_popularity(config: RunConfig) -> tuple[EvalResult, dict]:
     return popularity_scores(domain, eval_examples(domain, "test", config)), {"trainable": 0, "train_examples": 0}
 
 
-def evaluate_source(config: RunConfig, source: str, progress: bool = True) -> tuple[EvalResult, dict]:
-    """A source adapter and its head, zero-shot on the target's test users."""
+def evaluate_source(config: RunConfig, source: str, progress: bool = True,
+                    partial: Path | None = None) -> tuple[EvalResult, dict]:
+    """A source adapter and its head, zero-shot on the target's test users (resumable with `partial`, see
+    `evaluate`)."""
     path = RunDir.of(source_config(config, source)).best
     if not path.is_file():
         raise UsageError(f"source:{source}: no adapter at {path}; train it with `xcross-train --target {source} "
@@ -283,7 +292,8 @@ def evaluate_source(config: RunConfig, source: str, progress: bool = True) -> tu
     domain = load_domain(Path(config.data.data_dir) / config.target)
     model = build_model(load_base(config, device, dtype), "source", [path])
     result = evaluate(model, eval_examples(domain, "test", config), prompt_builder(config, domain),
-                      config.train.eval_batch_size, device, desc=f"source:{source}", progress=progress)
+                      config.train.eval_batch_size, device, desc=f"source:{source}", progress=progress,
+                      partial=partial, weights=digest(path))
     return result, {"trainable": 0, "train_examples": 0}
 
 
@@ -327,7 +337,8 @@ def evaluate_run(config: RunConfig, run_dir: RunDir, progress: bool = True) -> t
     builder = PromptBuilder(Tokenizer.from_dir(config.model.model_dir), domain.items, saved.data.title_tokens,
                             saved.data.history_len)
     result = evaluate(model, eval_examples(domain, "test", config), builder, config.train.eval_batch_size, device,
-                      desc=run_dir.name, progress=progress)
+                      desc=run_dir.name, progress=progress, partial=run_dir.file(PARTIAL_SCORES) if same else None,
+                      weights=digest(run_dir.best))
     if same and dist_info().main:  # a run trained without its test split (a source adapter): scored once
         result.save(stored)
     return result, described

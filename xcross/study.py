@@ -109,7 +109,8 @@ def collect(study: Study, progress: bool = True,
             cached = scores / f"source-{source}-s{seed}.npz"
             trained = cached.is_file() or RunDir.of(source_config(seeded, source)).finished()
             found.setdefault(f"source:{source}", []).append(
-                _cached(cached, lambda: evaluate_source(seeded, source, progress)[0])
+                _cached(cached, lambda: evaluate_source(seeded, source, progress,
+                                                        cached.with_suffix(".partial.npz"))[0])
                 if trained or not finished_only else None)
     for label, config in study.runs():
         config = prepare(config)

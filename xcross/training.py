@@ -4,10 +4,13 @@ resumable checkpoints, model selection on validation, and multi-process data par
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import shutil
 import signal
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -131,23 +134,37 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: XCrossModel, examples: list[Example], builder: PromptBuilder, batch_size: int = 8,
-             device="cpu", desc: str = "evaluate", progress: bool = True) -> EvalResult:
-    """Score every example's stored candidates; in a torchrun group each process scores a shard."""
+             device="cpu", desc: str = "evaluate", progress: bool = True, partial: Path | None = None,
+             weights: str = "") -> EvalResult:
+    """Score every example's stored candidates; in a torchrun group each process scores a shard.
+
+    With `partial` (a single process), the scores so far are saved there after every batch and an interrupted
+    evaluation continues from them, giving the scores an uninterrupted one gives. They are only reused for the same
+    `weights` (the caller's digest of the model's weights), users, candidates, prompts and batch size; the file is
+    removed when the evaluation is done."""
     info = dist_info()
     was_training = model.training
     model.eval()
     mine = list(range(info.rank, len(examples), info.world))
     scores = np.zeros((len(mine), len(examples[0].candidates)), dtype=np.float32) if mine else np.zeros((0, 0))
+    partial = partial if info.world == 1 else None
+    key = _evaluation_key(examples, builder, batch_size, weights) if partial else ""
+    done = _load_partial(partial, key, scores) if partial else 0
     pad = builder.tokenizer.pad_id or 0
-    bar = tqdm(total=len(mine), desc=desc, unit="user", disable=not (progress and info.main), leave=False)
-    for start in range(0, len(mine), batch_size):
+    bar = tqdm(total=len(mine), initial=done, desc=desc, unit="user", disable=not (progress and info.main),
+               leave=False)
+    for start in range(done, len(mine), batch_size):
         chunk = [examples[i] for i in mine[start:start + batch_size]]
         packed = [pack(builder.prefix(e.history), [builder.candidate(c) for c in e.candidates]) for e in chunk]
         batch = collate(packed, pad, multiple=length_multiple(device)).to(device)
         scores[start:start + len(chunk)] = model.score(batch).float().cpu().numpy()
+        if partial:
+            _save_partial(partial, key, scores, start + len(chunk))
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
+    if partial:
+        partial.unlink(missing_ok=True)
     if info.world > 1:
         gathered = [None] * info.world
         dist.all_gather_object(gathered, (mine, scores))
@@ -159,6 +176,35 @@ def evaluate(model: XCrossModel, examples: list[Example], builder: PromptBuilder
         scores = full
     labels = np.array([e.candidates.index(e.target) for e in examples])
     return EvalResult(scores, labels, [e.user_id for e in examples])
+
+
+def _evaluation_key(examples: list[Example], builder: PromptBuilder, batch_size: int, weights: str) -> str:
+    """What decides an evaluation's scores: the weights, every user's prompt and candidates (as token ids), the
+    batches."""
+    text = json.dumps([weights, batch_size, [(e.user_id, e.target, builder.prefix(e.history),
+                                              [builder.candidate(c) for c in e.candidates]) for e in examples]])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _load_partial(path: Path, key: str, scores: np.ndarray) -> int:
+    """How many users an interrupted evaluation with this key scored (their scores copied into `scores`); 0 for
+    no file, another key or an unreadable file."""
+    try:
+        with np.load(path) as saved:
+            if str(saved["key"]) != key or saved["scores"].shape != scores.shape:
+                return 0
+            done = int(saved["done"])
+            scores[:done] = saved["scores"][:done]
+            return done
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # none yet, or damaged
+        return 0
+
+
+def _save_partial(path: Path, key: str, scores: np.ndarray, done: int) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(key), scores=scores, done=np.array(done))
+    atomic_write(path, write)
 
 
 @torch.no_grad()
