@@ -188,3 +188,24 @@ def test_an_interrupted_evaluation_continues_to_the_same_scores(setup, tmp_path)
         weights = "w1" if stale == "other weights" else "w0"
         again = evaluate(model, examples, builder, batch_size=3, progress=False, partial=partial, weights=weights)
         assert len(calls) == 4 and np.array_equal(again.scores, reference), stale
+
+
+def test_resuming_a_finished_run_keeps_it(setup, tmp_path):
+    """`--resume` on a run that finished with the same settings changes nothing in it and says so; one that was
+    trained with --no-test is tested by a --resume without it (nothing is trained again)."""
+    flags = common_flags(setup["world"], setup["model"], tmp_path / "runs", **{**RESUMABLE, "epochs": 1})
+    run_dir = tmp_path / "runs" / TARGET / "lora"
+    untested = run_cli("train.py", [*flags, "--no-test"])
+    assert untested.returncode == 0, untested.stdout + untested.stderr
+    assert not (run_dir / "test_scores.npz").exists()
+    best = (run_dir / "best.safetensors").read_bytes()
+    tested = run_cli("train.py", [*flags, "--resume"])
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert f"test results on {TARGET}" in tested.stdout and (run_dir / "test_scores.npz").is_file()
+    assert (run_dir / "best.safetensors").read_bytes() == best
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    again = run_cli("train.py", [*flags, "--resume"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "has finished with these settings: nothing to resume" in again.stdout
+    assert f"test results on {TARGET}" in again.stdout and "wrote" not in again.stdout
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == files

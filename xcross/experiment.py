@@ -84,6 +84,17 @@ def finished_results(config: RunConfig) -> dict | None:
     return run_dir.results()
 
 
+def finished_as_asked(config: RunConfig, test: bool = True) -> dict | None:
+    """The results of `config`'s run if it finished with these settings (and was tested, where `test` asks for
+    it): what `--resume` keeps instead of loading the model to select and test again. None otherwise, where
+    resuming checks the settings and names what differs."""
+    run_dir = RunDir.of(config)
+    if not run_dir.finished() or differences(run_dir.config(), config, ignore=(*NOT_IDENTITY, "model.model_dir")):
+        return None
+    results = run_dir.results()
+    return results if results.get("test") is not None or not test else None
+
+
 # -- data selection --------------------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ..distributed import dist_info
-from ..experiment import prepare, run
+from ..experiment import finished_as_asked, prepare, run
 from ..reporting import comparison_rows, format_table
 from ..rundir import RunDir
 from ..runtime import keep_freed_memory
@@ -45,9 +45,13 @@ def _main(argv: list[str] | None) -> int:
         config = prepare(config)
         if dist_info().main:
             print(f"preset {config.preset}: {config.preset_reason}")
-        results = run(config, resume=args.resume, progress=not args.quiet, test=args.test)
+        run_dir = RunDir.of(config)
+        kept = finished_as_asked(config, args.test) if args.resume else None
+        if kept is not None and dist_info().main:
+            print(f"{run_dir.path} has finished with these settings: nothing to resume, its results are kept "
+                  "(without --resume it is trained again)")
+        results = kept or run(config, resume=args.resume, progress=not args.quiet, test=args.test)
         if dist_info().main:
-            run_dir = RunDir.of(config)
             if args.test:
                 rows = comparison_rows({config.method: (EvalResult.load(run_dir.file("test_scores.npz")), {
                     "trainable": results["parameters"]["trainable"],
@@ -61,8 +65,9 @@ def _main(argv: list[str] | None) -> int:
                              training["best_valid"])
                 print(f"\nvalidation of the selected step {training['best_step']} on {config.target} (the test "
                       "split is not read): " + ", ".join(f"{m} {v:.3f}" for m, v in valid.items()))
-            print(f"\nwrote {run_dir.path}/results.json, config.json, best.safetensors "
-                  f"({results['seconds']:.0f} s in all)")
+            if kept is None:
+                print(f"\nwrote {run_dir.path}/results.json, config.json, best.safetensors "
+                      f"({results['seconds']:.0f} s in all)")
         return 0
 
     return run_command(job)
