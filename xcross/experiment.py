@@ -78,7 +78,7 @@ def finished_results(config: RunConfig) -> dict | None:
     run_dir = RunDir.of(config)
     if not run_dir.finished():
         return None
-    if diff := differences(run_dir.config(), config, ignore=(*NOT_IDENTITY, "model.model_dir")):
+    if diff := _trained_otherwise(run_dir, config):
         raise UsageError(f"{run_dir.path} holds a run trained otherwise ({'; '.join(diff)}); use another --out or "
                          "delete it")
     return run_dir.results()
@@ -89,10 +89,15 @@ def finished_as_asked(config: RunConfig, test: bool = True) -> dict | None:
     it): what `--resume` keeps instead of loading the model to select and test again. None otherwise, where
     resuming checks the settings and names what differs."""
     run_dir = RunDir.of(config)
-    if not run_dir.finished() or differences(run_dir.config(), config, ignore=(*NOT_IDENTITY, "model.model_dir")):
+    if not run_dir.finished() or _trained_otherwise(run_dir, config):
         return None
     results = run_dir.results()
     return results if results.get("test") is not None or not test else None
+
+
+def _trained_otherwise(run_dir: RunDir, config: RunConfig) -> list[str]:
+    """The settings in which a finished run differs from `config`, leaving out those that change nothing it trained."""
+    return differences(run_dir.config(), config, ignore=(*NOT_IDENTITY, "model.model_dir"))
 
 
 # -- data selection --------------------------------------------------------------------------------------------------
