@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,9 @@ def test_fit_resumes_from_a_checkpoint_exactly(setup, tmp_path):
                    save_best=lambda path: None, resume=resume, progress=False)
 
     straight = model()
-    train_model(tmp_path / "straight", straight, resume=False)
+    started = time.perf_counter()
+    straight_summary = train_model(tmp_path / "straight", straight, resume=False)
+    straight_wall = time.perf_counter() - started
     # Checkpoints are kept two deep: the one of step 4 and the final one of step 6.
     assert sorted(p.name for p in (tmp_path / "straight" / "ckpt").glob("step-*")) == ["step-00000004",
                                                                                         "step-00000006"]
@@ -111,8 +114,15 @@ def test_fit_resumes_from_a_checkpoint_exactly(setup, tmp_path):
 
     resumed = model()
     torch.manual_seed(123)  # the global RNG state must come from the checkpoint, not from here
+    started = time.perf_counter()
     summary = train_model(tmp_path / "resumed", resumed, resume=True)
+    resumed_wall = time.perf_counter() - started
     assert summary["steps"] == 6
+    # The training time of a resumed run counts the interrupted run's, up to its checkpoint (timed here outside).
+    at_step4 = torch.load(tmp_path / "resumed" / "ckpt" / "step-00000004" / "state.pt")["progress"]["seconds"]
+    assert 0 < at_step4 < straight_summary["train_seconds"] <= straight_wall
+    assert summary["resumed_seconds"] == at_step4
+    assert at_step4 < summary["train_seconds"] <= at_step4 + resumed_wall
     want, got = trained_tensors(straight), trained_tensors(resumed)
     assert max_abs_diff(got, want) == 0.0
     assert max_abs_diff(tensors(tmp_path / "resumed" / "ckpt" / "step-00000006" / "trained.safetensors"),
@@ -155,26 +165,34 @@ def test_an_interrupted_evaluation_continues_to_the_same_scores(setup, tmp_path)
     model = build_model(load_decoder(setup["model"]), "lora", [], lora=LoRAConfig(rank=4, alpha=8, dropout=0))
     reference = evaluate(model, examples, builder, batch_size=3, progress=False).scores  # batches of 3, 3, 3, 1
     calls, score = [], model.score
+    pause = 0.25  # per scored batch, so that the time spent is known from below
 
     def stop_at(n):
         def scored(batch):
             calls.append(batch)
             if len(calls) == n:
                 raise KeyboardInterrupt
+            time.sleep(pause)
             return score(batch)
         return scored
 
     partial = tmp_path / "scores.partial.npz"
     model.score = stop_at(3)
+    started = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, examples, builder, batch_size=3, progress=False, partial=partial, weights="w0")
+    wall = time.perf_counter() - started
     with np.load(partial) as saved:
         assert int(saved["done"]) == 6
     calls.clear()
     model.score = stop_at(0)  # never stops
+    started = time.perf_counter()
     resumed = evaluate(model, examples, builder, batch_size=3, progress=False, partial=partial, weights="w0")
+    wall += time.perf_counter() - started
     assert len(calls) == 2 and np.array_equal(resumed.scores, reference)
     assert not partial.exists()
+    # Its time counts the interrupted call's two batches too: four pauses at least, both calls' wall time at most.
+    assert 4 * pause <= resumed.seconds <= wall
 
     for stale in ("other weights", "damaged"):
         model.score = stop_at(3)

@@ -250,18 +250,21 @@ def _train_method(config: RunConfig, decoder, adapters: list[Path], resume: bool
     summary = fit(model, train, valid, builder, CandidateSampler(domain), config.train, run_dir.path,
                   lambda path: save_trained(model, path, config, adapters), resume, device, progress)
     load_trained(model, load_tensors(run_dir.best, device)[0])
-    result, test_seconds = None, 0.0
+    result, test_seconds, earlier = None, 0.0, summary["resumed_seconds"]
     if test:
         test_start = time.perf_counter()
         result = evaluate(model, test_examples, builder, config.train.eval_batch_size, device, desc="test",
                           progress=progress, partial=run_dir.file(PARTIAL_SCORES), weights=digest(run_dir.best))
-        test_seconds = time.perf_counter() - test_start
+        test_seconds = result.seconds  # with an interrupted test's earlier share
+        earlier += test_seconds - (time.perf_counter() - test_start)
     results = {
         "method": config.method, "target": config.target, "sources": list(config.sources) if adapters else [],
         "fraction": config.fraction, "seed": config.train.seed,
         "test": result.metrics(seed=config.train.seed) if result else None,
         "parameters": report, "training": summary, "test_users": len(test_examples) if result else 0,
-        "seconds": time.perf_counter() - start, "test_seconds": test_seconds, "completed": True,
+        # this invocation's wall time and what the invocations it resumed spent (up to their last checkpoint or
+        # saved test batch)
+        "seconds": time.perf_counter() - start + earlier, "test_seconds": test_seconds, "completed": True,
     }
     if info.main:
         if result is not None:

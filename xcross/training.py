@@ -115,6 +115,7 @@ class EvalResult:
     scores: np.ndarray  # (N, C)
     labels: np.ndarray  # (N,)
     user_ids: list[str]
+    seconds: float = 0.0  # scoring wall time, earlier interrupted invocations included (not saved with the scores)
 
     def metrics(self, bootstrap: int = 1000, seed: int = 0) -> dict:
         return summarise(per_user_metrics(self.scores, self.labels), bootstrap, seed)
@@ -141,7 +142,9 @@ def evaluate(model: XCrossModel, examples: list[Example], builder: PromptBuilder
     With `partial` (a single process), the scores so far are saved there after every batch and an interrupted
     evaluation continues from them, giving the scores an uninterrupted one gives. They are only reused for the same
     `weights` (the caller's digest of the model's weights), users, candidates, prompts and batch size; the file is
-    removed when the evaluation is done."""
+    removed when the evaluation is done. The result's `seconds` include those an interrupted evaluation spent on the
+    scores it saved."""
+    started = time.perf_counter()
     info = dist_info()
     was_training = model.training
     model.eval()
@@ -149,7 +152,7 @@ def evaluate(model: XCrossModel, examples: list[Example], builder: PromptBuilder
     scores = np.zeros((len(mine), len(examples[0].candidates)), dtype=np.float32) if mine else np.zeros((0, 0))
     partial = partial if info.world == 1 else None
     key = _evaluation_key(examples, builder, batch_size, weights) if partial else ""
-    done = _load_partial(partial, key, scores) if partial else 0
+    done, earlier = _load_partial(partial, key, scores) if partial else (0, 0.0)
     pad = builder.tokenizer.pad_id or 0
     bar = tqdm(total=len(mine), initial=done, desc=desc, unit="user", disable=not (progress and info.main),
                leave=False)
@@ -159,7 +162,7 @@ def evaluate(model: XCrossModel, examples: list[Example], builder: PromptBuilder
         batch = collate(packed, pad, multiple=length_multiple(device)).to(device)
         scores[start:start + len(chunk)] = model.score(batch).float().cpu().numpy()
         if partial:
-            _save_partial(partial, key, scores, start + len(chunk))
+            _save_partial(partial, key, scores, start + len(chunk), earlier + time.perf_counter() - started)
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
@@ -175,7 +178,7 @@ def evaluate(model: XCrossModel, examples: list[Example], builder: PromptBuilder
                 full[idx] = part
         scores = full
     labels = np.array([e.candidates.index(e.target) for e in examples])
-    return EvalResult(scores, labels, [e.user_id for e in examples])
+    return EvalResult(scores, labels, [e.user_id for e in examples], earlier + time.perf_counter() - started)
 
 
 def _evaluation_key(examples: list[Example], builder: PromptBuilder, batch_size: int, weights: str) -> str:
@@ -186,24 +189,24 @@ def _evaluation_key(examples: list[Example], builder: PromptBuilder, batch_size:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _load_partial(path: Path, key: str, scores: np.ndarray) -> int:
-    """How many users an interrupted evaluation with this key scored (their scores copied into `scores`); 0 for
-    no file, another key or an unreadable file."""
+def _load_partial(path: Path, key: str, scores: np.ndarray) -> tuple[int, float]:
+    """How many users an interrupted evaluation with this key scored (their scores copied into `scores`) and the
+    seconds it spent on them; (0, 0.0) for no file, another key or an unreadable file."""
     try:
         with np.load(path) as saved:
             if str(saved["key"]) != key or saved["scores"].shape != scores.shape:
-                return 0
+                return 0, 0.0
             done = int(saved["done"])
             scores[:done] = saved["scores"][:done]
-            return done
+            return done, float(saved["seconds"]) if "seconds" in saved.files else 0.0
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # none yet, or damaged
-        return 0
+        return 0, 0.0
 
 
-def _save_partial(path: Path, key: str, scores: np.ndarray, done: int) -> None:
+def _save_partial(path: Path, key: str, scores: np.ndarray, done: int, seconds: float) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, key=np.array(key), scores=scores, done=np.array(done))
+            np.savez(f, key=np.array(key), scores=scores, done=np.array(done), seconds=np.array(seconds))
     atomic_write(path, write)
 
 
@@ -253,6 +256,8 @@ class Progress:
     best_step: int = -1
     since_best: int = 0  # validations since the best one (for early stopping)
     history: list = field(default_factory=list)  # validation results so far
+    seconds: float = 0.0  # training wall time up to this checkpoint, over every invocation, validation included
+    valid_seconds: float = 0.0  # the part of it spent validating
 
 
 def _rng_state() -> dict:
@@ -378,8 +383,9 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
         config: TrainConfig, run_dir: str | Path, save_best, resume: bool = False, device="cpu",
         progress: bool = True) -> dict:
     """Train `model`'s trainable groups on `train`, validating on `valid`; `save_best(path)` writes the best
-    weights. Returns a summary (steps, examples seen, best validation, timings: `train_seconds` is this call's wall
-    time, validation included; `valid_seconds` the part of it spent validating)."""
+    weights. Returns a summary (steps, examples seen, best validation, timings: `train_seconds` is the training's
+    wall time, validation included, over this call and the earlier ones it resumed (up to their last checkpoint,
+    `resumed_seconds` of it); `valid_seconds` the part of it spent validating)."""
     info = dist_info()
     run_dir = Path(run_dir)
     if not train:
@@ -410,7 +416,7 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
         run_log.start(None)
     log = run_log.write
 
-    valid_seconds = 0.0
+    resumed_seconds, valid_seconds = state.seconds, state.valid_seconds
 
     def validate() -> None:
         nonlocal valid_seconds
@@ -432,6 +438,11 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
 
     def patience_spent() -> bool:
         return config.patience is not None and state.since_best >= config.patience
+
+    def checkpoint() -> None:
+        state.seconds = resumed_seconds + time.perf_counter() - start_time
+        state.valid_seconds = valid_seconds
+        checkpoints.save(model, optimizer, scheduler, state, _rng_state())
 
     model.train()
     start_time, start_step = time.perf_counter(), state.step
@@ -489,7 +500,7 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
                 if config.eval_every and state.step % config.eval_every == 0:
                     validate()
                 if state.step % config.checkpoint_every == 0:
-                    checkpoints.save(model, optimizer, scheduler, state, _rng_state())
+                    checkpoint()
                 if patience_spent():
                     break
             if stopped or patience_spent():
@@ -503,15 +514,14 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
     bar.close()
     if stopped:
         # The signal only set a flag, so no step was cut short: this is exactly the state after the last step.
-        checkpoints.save(model, optimizer, scheduler, state, _rng_state())
+        checkpoint()
         raise Interrupted(stop["signal"] or signal.SIGINT, f"stopped at step {state.step}; continue with --resume")
     if not state.history or state.history[-1]["step"] != state.step:
         validate()
-    checkpoints.save(model, optimizer, scheduler, state, _rng_state())
-    elapsed = time.perf_counter() - start_time
+    checkpoint()
     run_log.close()
     return {"steps": state.step, "epochs_completed": state.epoch, "examples_seen": state.examples_seen,
             "stopped_early": patience_spent(),
             "train_examples": len(train), "best_step": state.best_step,
             "best_valid": {SELECTION_METRIC: state.best_metric}, "valid_history": state.history,
-            "train_seconds": elapsed, "valid_seconds": valid_seconds}
+            "train_seconds": state.seconds, "valid_seconds": state.valid_seconds, "resumed_seconds": resumed_seconds}
