@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import importlib
 import json
 import logging
@@ -22,7 +21,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokeniz
 from tokenizers.models import BPE
 
 from data_prep.outputs import replace_refusal
-from xcross.files import atomic_directory, exclusive, remove_stale_temporaries
+from xcross.files import atomic_directory, exclusive, remove_stale_temporaries, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +143,7 @@ def _locate_gguf(gguf_path: str | Path | None) -> tuple[Path | None, str]:
     gguf_path = Path(gguf_path).expanduser().absolute()
     if not gguf_path.is_file():
         raise ConversionError(f"GGUF file not found: {gguf_path}")
-    return gguf_path, _sha256(gguf_path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    return gguf_path, file_sha256(gguf_path)
 
 
 def _is_current(out_dir: Path, sha256: str) -> bool:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from data_prep.outputs import replace_refusal
 from xcross.data import TooFewItems, sample_candidates
-from xcross.files import atomic_directory, remove_stale_temporaries
+from xcross.files import atomic_directory, remove_stale_temporaries, file_sha256
 
 FORMAT_VERSION = 1
 
@@ -285,9 +285,7 @@ def describe_source(path: Path, role: str, out_dir: Path) -> dict:
     path = Path(path).resolve()
     out_dir = Path(out_dir).resolve()
     shown = path.relative_to(out_dir).as_posix() if path.is_relative_to(out_dir) else str(path)
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"role": role, "path": shown, "size": path.stat().st_size, "sha256": digest}
+    return {"role": role, "path": shown, "size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 # ---------------------------------------------------------------------------------------------------------------

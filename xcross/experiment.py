@@ -3,7 +3,6 @@ trained, selected on validation and tested), and the test scores of every method
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import Counter
 from dataclasses import asdict, replace
@@ -14,6 +13,7 @@ import torch
 
 from .data import CandidateSampler, Domain, Example, PromptBuilder, load_domain
 from .distributed import barrier, dist_info, init_distributed
+from .files import file_sha256
 from .methods import ADAPTER_FORMAT, CHECKPOINT_FORMAT, build_model, check_adapter, load_trained
 from .methods import parameter_report, read_adapter, save_adapter, trained_tensors
 from .rundir import NOT_IDENTITY, RESUMABLE_CHANGES, SOURCE_IDENTITY, RunDir, differences
@@ -254,7 +254,8 @@ def _train_method(config: RunConfig, decoder, adapters: list[Path], resume: bool
     if test:
         test_start = time.perf_counter()
         result = evaluate(model, test_examples, builder, config.train.eval_batch_size, device, desc="test",
-                          progress=progress, partial=run_dir.file(PARTIAL_SCORES), weights=digest(run_dir.best))
+                          progress=progress, partial=run_dir.file(PARTIAL_SCORES),
+                          weights=file_sha256(run_dir.best))
         test_seconds = result.seconds  # with an interrupted test's earlier share
         earlier += test_seconds - (time.perf_counter() - test_start)
     results = {
@@ -275,11 +276,6 @@ def _train_method(config: RunConfig, decoder, adapters: list[Path], resume: bool
 
 
 # -- test scores of every method, for comparisons --------------------------------------------------------------------
-
-
-def digest(path: Path) -> str:
-    """sha256 of a weights file: what a partial evaluation is kept for."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def popularity_scores(domain: Domain, examples: list[Example]) -> EvalResult:
@@ -312,7 +308,7 @@ def evaluate_source(config: RunConfig, source: str, progress: bool = True,
     model = build_model(load_base(config, device, dtype), "source", [path])
     result = evaluate(model, eval_examples(domain, "test", config), prompt_builder(config, domain),
                       config.train.eval_batch_size, device, desc=f"source:{source}", progress=progress,
-                      partial=partial, weights=digest(path))
+                      partial=partial, weights=file_sha256(path))
     return result, {"trainable": 0, "train_examples": 0}
 
 
@@ -357,7 +353,7 @@ def evaluate_run(config: RunConfig, run_dir: RunDir, progress: bool = True) -> t
                             saved.data.history_len)
     result = evaluate(model, eval_examples(domain, "test", config), builder, config.train.eval_batch_size, device,
                       desc=run_dir.name, progress=progress, partial=run_dir.file(PARTIAL_SCORES) if same else None,
-                      weights=digest(run_dir.best))
+                      weights=file_sha256(run_dir.best))
     if same and dist_info().main:  # a run trained without its test split (a source adapter): scored once
         result.save(stored)
     return result, described

@@ -1,10 +1,11 @@
 """Writing files and directories so that a reader never sees half of one: build beside the destination under a
 temporary name, then rename into place. Every writer of the project goes through these two helpers; `exclusive`
-makes the builders of a shared file (the converted weights) take turns."""
+makes the builders of a shared file (the converted weights) take turns; `file_sha256` names a file's content."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -57,6 +58,15 @@ def exclusive(dest: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def replace_path(src: Path, dest: Path) -> None:
