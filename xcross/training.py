@@ -151,14 +151,16 @@ def evaluate(model: XCrossModel, examples: list[Example], builder: PromptBuilder
     mine = list(range(info.rank, len(examples), info.world))
     scores = np.zeros((len(mine), len(examples[0].candidates)), dtype=np.float32) if mine else np.zeros((0, 0))
     partial = partial if info.world == 1 else None
-    key = _evaluation_key(examples, builder, batch_size, weights) if partial else ""
+    prompts = [(builder.prefix(examples[i].history), [builder.candidate(c) for c in examples[i].candidates])
+               for i in mine]  # token ids, built once for the packing and the partial scores' key
+    key = _evaluation_key([examples[i] for i in mine], prompts, batch_size, weights) if partial else ""
     done, earlier = _load_partial(partial, key, scores) if partial else (0, 0.0)
     pad = builder.tokenizer.pad_id or 0
     bar = tqdm(total=len(mine), initial=done, desc=desc, unit="user", disable=not (progress and info.main),
                leave=False)
     for start in range(done, len(mine), batch_size):
-        chunk = [examples[i] for i in mine[start:start + batch_size]]
-        packed = [pack(builder.prefix(e.history), [builder.candidate(c) for c in e.candidates]) for e in chunk]
+        chunk = prompts[start:start + batch_size]
+        packed = [pack(prefix, candidates) for prefix, candidates in chunk]
         batch = collate(packed, pad, multiple=length_multiple(device)).to(device)
         scores[start:start + len(chunk)] = model.score(batch).float().cpu().numpy()
         if partial:
@@ -181,11 +183,12 @@ def evaluate(model: XCrossModel, examples: list[Example], builder: PromptBuilder
     return EvalResult(scores, labels, [e.user_id for e in examples], earlier + time.perf_counter() - started)
 
 
-def _evaluation_key(examples: list[Example], builder: PromptBuilder, batch_size: int, weights: str) -> str:
-    """What decides an evaluation's scores: the weights, every user's prompt and candidates (as token ids), the
-    batches."""
-    text = json.dumps([weights, batch_size, [(e.user_id, e.target, builder.prefix(e.history),
-                                              [builder.candidate(c) for c in e.candidates]) for e in examples]])
+def _evaluation_key(examples: list[Example], prompts: list[tuple[list[int], list[list[int]]]], batch_size: int,
+                    weights: str) -> str:
+    """What decides an evaluation's scores: the weights, every user's prompt and candidates (`prompts`, as token
+    ids), the batches."""
+    text = json.dumps([weights, batch_size, [(e.user_id, e.target, prefix, candidates)
+                                             for e, (prefix, candidates) in zip(examples, prompts)]])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
