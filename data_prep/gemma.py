@@ -21,7 +21,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokeniz
 from tokenizers.models import BPE
 
 from data_prep.outputs import replace_refusal
-from xcross.files import atomic_directory, exclusive, remove_stale_temporaries, file_sha256
+from xcross.files import atomic_directory, exclusive, file_sha256, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 

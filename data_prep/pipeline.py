@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from data_prep.outputs import replace_refusal
 from xcross.data import TooFewItems, sample_candidates
-from xcross.files import atomic_directory, remove_stale_temporaries, file_sha256
+from xcross.files import atomic_directory, file_sha256, remove_stale_temporaries
 
 FORMAT_VERSION = 1
 
