@@ -17,7 +17,7 @@ from xcross import experiment
 from xcross.experiment import evaluate_run, finished_results
 from xcross.rundir import RunDir
 from xcross.settings import RunConfig, UsageError
-from xcross.study import Study, _crossing, _strict_json, data_efficiency, format_markdown
+from xcross.study import Study, _crossing, _strict_json, build_report, collect, data_efficiency, format_markdown
 
 TINY_STUDY = dict(target="toys", sources="sports,tools", max_train_users=16, max_examples_per_user=1,
                   max_eval_users=16, max_valid_users=8, batch_size=4, epochs=1, history_len=3, title_tokens=8,
@@ -108,6 +108,20 @@ def test_interrupted_study_resumes_to_the_same_report(setup, straight):
     got = json.loads((out / "toys" / "study" / "report.json").read_text())
     want = json.loads((straight / "toys" / "study" / "report.json").read_text())
     assert got == want
+
+
+def test_sources_left_at_their_default_are_the_other_domains_in_the_report(straight):
+    """A study whose sources are left out (every other domain) reports them, and compares X-Cross with each source's
+    zero-shot in the baselines claim, as when they are named: the same report as the straight study's."""
+    named = RunDir.load(straight / "toys" / "xcross").config()  # the study's base: seed 0, every target user
+    assert named.sources == ("sports", "tools")
+    study = Study(replace(named, sources=()), fractions=(0.5, 1.0), seeds=(0, 1))
+    results, missing = collect(study, progress=False, finished_only=True)
+    report = json.loads(json.dumps(_strict_json(build_report(study, results, missing))))
+    assert report["sources"] == ["sports", "tools"]
+    beats = report["claims"][1]["evidence"]
+    assert {"xcross@1 - source:sports", "xcross@1 - source:tools"} <= beats.keys()
+    assert report == json.loads((straight / "toys" / "study" / "report.json").read_text())
 
 
 def test_crossing_by_hand():

@@ -39,6 +39,12 @@ class Study:
     def out(self) -> Path:
         return Path(self.base.out) / self.base.target / "study"
 
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The source domains, filled in from the data where the config leaves them at their default (every other
+        domain)."""
+        return prepare(self.base).sources
+
     def labels(self) -> list[str]:
         """Every trained method's label, in the report's order: the curve from all users down, then merge and
         ensemble."""
@@ -198,7 +204,7 @@ def build_report(study: Study, results: dict[str, list[EvalResult]], missing: li
     same_fraction = [{"fraction": f, **_paired(per_user[f"xcross@{f:g}"], per_user[f"lora@{f:g}"])}
                      for f in sorted(study.fractions) if f"xcross@{f:g}" in per_user and f"lora@{f:g}" in per_user]
     claims = judge(study, per_user, list(missing))
-    return {"target": study.base.target, "sources": list(study.base.sources), "fractions": list(study.fractions),
+    return {"target": study.base.target, "sources": list(study.sources), "fractions": list(study.fractions),
             "seeds": list(study.seeds), "reference": study.reference, "test_users": rows[0]["users"],
             "rows": rows, "paired": paired, "same_fraction": same_fraction, "claims": claims, "missing": list(missing),
             "parameters": _parameters(study)}
@@ -241,7 +247,7 @@ def judge(study: Study, per_user: dict[str, dict[str, np.ndarray]], missing: lis
     if at_fractions:
         needs = [*(f"lora@{f:g}" for f in study.fractions), *(f"xcross@{f:g}" for f in at_fractions)]
         claims.append(unmeasured(data_claim, needs) or _data_claim(study, per_user, data_claim, at_fractions))
-    baselines = ["merge", "ensemble", *[f"source:{s}" for s in study.base.sources]]
+    baselines = ["merge", "ensemble", *[f"source:{s}" for s in study.sources]]
     if claim := unmeasured(baseline_claim, ["xcross@1", *baselines]):
         claims.append(claim)
     else:
