@@ -42,7 +42,10 @@ def test_a_run_from_its_config_json_reproduces_it_and_flags_override(setup, tmp_
     assert override.returncode == 0, override.stdout + override.stderr
     changed = json.loads((tmp_path / "c" / TARGET / "lora" / "config.json").read_text())
     assert changed["train"]["lr"] == 0.01 and changed["train"]["max_steps"] == 1
-    assert {**changed, "out": None, "train": None} == {**saved[0], "out": None, "train": None}
+    # the record of what was given: lr now is (the cpu preset gave it before), and max_steps
+    assert {"train.lr", "train.max_steps"} <= set(changed["given"]) and "train.lr" not in changed["from_preset"]
+    records = {"out": None, "train": None, "given": None, "from_preset": None}
+    assert {**changed, **records} == {**saved[0], **records}
 
     # The loggers: log.csv holds every scalar of log.jsonl, and so do the TensorBoard event files.
     run = tmp_path / "a" / TARGET / "lora"

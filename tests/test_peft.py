@@ -14,9 +14,8 @@ peft = pytest.importorskip("peft")
 
 from tests.tiny import tiny_decoder  # noqa: E402
 from xcross.cli.peft import main as peft_cli  # noqa: E402
-from xcross.experiment import save_trained  # noqa: E402
 from xcross.lora import DEFAULT_TARGETS, LoRAConfig, lora_layers  # noqa: E402
-from xcross.methods import build_model, read_adapter, save_adapter  # noqa: E402
+from xcross.methods import build_model, read_adapter, save_adapter, save_trained  # noqa: E402
 from xcross.peft import HEAD_FILE, PEFT_CONFIG, PEFT_WEIGHTS, export_peft, read_peft_adapter  # noqa: E402
 from xcross.settings import ModelConfig, RunConfig  # noqa: E402
 from xcross.weights import load_decoder  # noqa: E402
@@ -272,7 +271,7 @@ def test_cli_exports_a_merge_run(bases, tmp_path):
     run = tmp_path / "runs" / "tools" / "merge"
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(config.to_dict()))
-    save_trained(ours, run / "best.safetensors", config, files)
+    save_trained(ours, run / "best.safetensors", config.method, files, {"domain": config.target})
     assert peft_cli(["export", str(run), str(tmp_path / "out"), "--base-name", "org/tiny"]) == 0
     theirs = peft.PeftModel.from_pretrained(_hf(bases["llama"]), tmp_path / "out").eval()
     assert theirs.peft_config["default"].r == 8  # two rank-4 adapters side by side

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from xcross.data import CandidateSampler, Domain, Example, TooFewItems, sample_candidates
-from xcross.rundir import SOURCE_IDENTITY, RunDir, differences
+from xcross.experiment import source_config
+from xcross.rundir import RunDir
+from xcross.settings import differences
 from xcross.settings import RunConfig
 
 
@@ -50,5 +52,7 @@ def test_the_seed_is_part_of_a_runs_identity(tmp_path):
     assert RunDir.of(seed1).name == "xcross-s1" and RunDir.of(seed0.with_values({"fraction": 0.25})).name == \
         "xcross-f0.25"
     # a source adapter of another seed is not the one this run asks for
-    assert differences(seed0, seed1, only=SOURCE_IDENTITY) == ["train.seed: 0 there, 1 here"]
-    assert differences(seed0, seed0.with_values({"train.integrator_lr": 1e-3}), only=SOURCE_IDENTITY) == []
+    source0, source1 = source_config(seed0, "toys"), source_config(seed1, "toys")
+    assert differences(source0, source1) == ["train.seed: 0 there, 1 here"]
+    # what a LoRA source does not read is no part of it
+    assert differences(source0, source_config(seed0.with_values({"train.integrator_lr": 1e-3}), "toys")) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -122,6 +123,30 @@ def test_sources_left_at_their_default_are_the_other_domains_in_the_report(strai
     beats = report["claims"][1]["evidence"]
     assert {"xcross@1 - source:sports", "xcross@1 - source:tools"} <= beats.keys()
     assert report == json.loads((straight / "toys" / "study" / "report.json").read_text())
+
+
+def test_a_study_run_again_with_other_evaluation_settings_rescores_or_refuses(setup, straight, tmp_path):
+    """Over a finished study, other candidates or test users are scored anew (a new report that says what it was
+    scored on, never the old one again); another evaluation seed changes the users the runs selected on, so it is
+    refused before anything is scored."""
+    out = tmp_path / "copy"
+    shutil.copytree(straight, out)
+    before = json.loads((out / "toys" / "study" / "report.json").read_text())
+    assert before["candidates"] == 20 and before["test_users"] == 16
+    proc = run_cli("-m", [*study_args(setup, out)[1:], "--num-candidates", "10", "--max-eval-users", "12"],
+                   timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "study: training" not in proc.stdout  # every run is reused, and scored again
+    after = json.loads((out / "toys" / "study" / "report.json").read_text())
+    assert after["candidates"] == 10 and after["test_users"] == 12 and after["scored"] != before["scored"]
+    assert all(r["users"] == 12 for r in after["rows"])
+    assert "12 test users of toys (drawn with eval seed 0), 10 candidates each" in \
+        (out / "toys" / "study" / "report.md").read_text()
+    # the cached popularity and zero-shot scores were scored again too
+    assert np.load(out / "toys" / "study" / "scores" / "popularity.npz")["scores"].shape == (12, 10)
+    refused = run_cli("-m", [*study_args(setup, out)[1:], "--eval-seed", "1"], timeout=300)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "holds a run trained otherwise" in refused.stderr and "validation users" in refused.stderr
 
 
 def test_crossing_by_hand():

@@ -172,12 +172,11 @@ def test_integrator_matches_brute_force_formula():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mix_at", ["block", "sublayer"])
-def test_zero_initialised_xcross_reproduces_each_source(mix_at):
+def test_zero_initialised_xcross_reproduces_each_source():
     """Stream m of an untrained X-Cross equals the single-adapter model of adapter m, at every token."""
     n = 3
     singles = [_lora_model(0, adapter_seed=10 + m) for m in range(n)]
-    xc = XCrossModel(tiny_decoder(0), n, LORA, XCrossConfig(mix_at=mix_at))
+    xc = XCrossModel(tiny_decoder(0), n, LORA)
     with torch.no_grad():
         for name, layer in lora_layers(xc.decoder).items():
             for m in range(n):
@@ -206,76 +205,36 @@ def _randomise_model(model, seed):
     _randomise_adapters(model, seed)
     _randomise_head(model, seed + 1)
     _randomise_integrators(model.integrators, seed + 2)
-    if model.attention_integrators is not None:
-        _randomise_integrators(model.attention_integrators, seed + 3)
 
 
-def test_sublayer_mixing_matches_a_hand_written_forward():
-    """Mixing after the attention sub-layers too: the streams of one X-Cross model against n single-adapter
-    models run sub-layer by sub-layer by hand (Gemma's sandwich norms written out), mixed between them."""
-    n = 2
-    singles = [_lora_model(0, adapter_seed=70 + m) for m in range(n)]
-    xc = XCrossModel(tiny_decoder(0), n, LORA, XCrossConfig(mix_at="sublayer", beta=0.8, gamma=1.2))
-    with torch.no_grad():
-        for name, layer in lora_layers(xc.decoder).items():
-            for m in range(n):
-                layer.lora_A[m].copy_(lora_layers(singles[m].decoder)[name].lora_A[0])
-                layer.lora_B[m].copy_(lora_layers(singles[m].decoder)[name].lora_B[0])
-    _randomise_integrators(xc.integrators, 1)
-    _randomise_integrators(xc.attention_integrators, 2)
-    batch = _random_batch(5)
-    with torch.no_grad():
-        got = xc.streams(batch.input_ids, batch.attention_mask, batch.position_ids).hidden
-        inputs = singles[0].decoder.attention_inputs(batch.input_ids, batch.attention_mask, batch.position_ids)
-        h = [s.decoder.embed(batch.input_ids)[None] for s in singles]  # each (1, B, T, d)
-        for i in range(len(singles[0].decoder.model.layers)):
-            blocks = [s.decoder.model.layers[i] for s in singles]
-            rope, mask = inputs.rope[blocks[0].layer_type], inputs.masks[blocks[0].layer_type]
-            h = [x + b.post_attention_layernorm(b.self_attn(b.input_layernorm(x), rope, mask))
-                 for b, x in zip(blocks, h)]
-            h = list(xc.attention_integrators[i](torch.cat(h))[0].split(1))
-            h = [x + b.post_feedforward_layernorm(b.mlp(b.pre_feedforward_layernorm(x))) for b, x in zip(blocks, h)]
-            h = list(xc.integrators[i](torch.cat(h))[0].split(1))
-        want = singles[0].decoder.model.norm(torch.cat(h))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-
-
-def test_sublayer_mixing_with_zero_attention_integrators_equals_block_mixing():
-    block = XCrossModel(tiny_decoder(0), 3, LORA)
-    sublayer = XCrossModel(tiny_decoder(0), 3, LORA, XCrossConfig(mix_at="sublayer"))
-    _randomise_adapters(block, 3)
-    _randomise_adapters(sublayer, 3)
-    _randomise_integrators(block.integrators, 4)
-    _randomise_integrators(sublayer.integrators, 4)
-    batch = _random_batch(6)
-    with torch.no_grad():
-        want = block.streams(batch.input_ids, batch.attention_mask, batch.position_ids).hidden
-        got = sublayer.streams(batch.input_ids, batch.attention_mask, batch.position_ids).hidden
-        _randomise_integrators(sublayer.attention_integrators, 5)
-        mixed = sublayer.streams(batch.input_ids, batch.attention_mask, batch.position_ids).hidden
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-    assert not torch.allclose(mixed, want, atol=1e-3), "the attention integrators must act once non-zero"
-
-
-def test_one_stream_xcross_equals_lora_model(tmp_path):
+def test_one_stream_from_an_adapter_file_equals_the_lora_model(tmp_path):
+    """A LoRA model is the n = 1 case of the stream machinery: read back from its file as one stream ("source"), it
+    scores as the model that wrote it."""
     lora = _lora_model(0, adapter_seed=1)
     _randomise_head(lora, 2)
     save_adapter(lora, tmp_path / "a.safetensors")
-    xc = build_model(tiny_decoder(0), "xcross", [tmp_path / "a.safetensors"])
+    one = build_model(tiny_decoder(0), "source", [tmp_path / "a.safetensors"])
     batch = _random_batch(2)
     with torch.no_grad():
-        torch.testing.assert_close(xc.score(batch), lora.score(batch), atol=1e-6, rtol=0)
+        torch.testing.assert_close(one.score(batch), lora.score(batch), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("mix_at", ["block", "sublayer"])
-def test_xcross_step_changes_only_integrators_w_and_head(tmp_path, mix_at):
+@pytest.mark.parametrize("method", ["xcross", "ensemble"])
+def test_mixing_methods_refuse_one_source_as_the_cli_does(tmp_path, method):
+    """The library accepts and refuses what the CLIs do: one source has nothing to mix."""
+    save_adapter(_lora_model(0, adapter_seed=1), tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match=f"method {method} takes 2 or more source adapter"):
+        build_model(tiny_decoder(0), method, [tmp_path / "a.safetensors"])
+
+
+def test_xcross_step_changes_only_integrators_w_and_head(tmp_path):
     paths = []
     for m in range(2):
         src = _lora_model(0, adapter_seed=20 + m)
         _randomise_head(src, 30 + m)
         paths.append(tmp_path / f"s{m}.safetensors")
         save_adapter(src, paths[-1])
-    model = build_model(tiny_decoder(0), "xcross", paths, config=XCrossConfig(mix_at=mix_at))
+    model = build_model(tiny_decoder(0), "xcross", paths)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-2)
     batch = _random_batch(3)
@@ -286,8 +245,7 @@ def test_xcross_step_changes_only_integrators_w_and_head(tmp_path, mix_at):
         opt.step()
         opt.zero_grad()
     trainable = {n for n, _ in model.trainable_parameters()}
-    want = {"integrators", "stream_weights", "head"} | ({"attention_integrators"} if mix_at == "sublayer" else set())
-    assert {n.split(".")[0] for n in trainable} == want
+    assert {n.split(".")[0] for n in trainable} == {"integrators", "stream_weights", "head"}
     for key, value in model.state_dict().items():
         changed = not torch.equal(value, before[key])
         if key in trainable:
@@ -339,14 +297,13 @@ def test_merge_adapter_is_the_mean_of_source_deltas(tmp_path):
         torch.testing.assert_close(layer.delta_weight(), (deltas[0][name] + deltas[1][name]) / 2, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("mix_at, points_per_block", [("block", 1), ("sublayer", 2)])
-def test_parameter_report_counts(mix_at, points_per_block):
-    model = XCrossModel(tiny_decoder(0), 3, LORA, XCrossConfig(mix_at=mix_at))
+def test_parameter_report_counts():
+    model = XCrossModel(tiny_decoder(0), 3, LORA)
     model.set_trainable({"integrators", "stream_weights", "head"})
     report = parameter_report(model)
     c = TINY_GEMMA
     d, L, n = c["hidden_size"], c["num_hidden_layers"], 3
-    integrators = points_per_block * L * (2 * n * (n - 1) * (n * d + 1))
+    integrators = L * (2 * n * (n - 1) * (n * d + 1))
     head = d * d + d + d + 1
     assert report["trainable"] == integrators + n + head
     # one adapter of rank 4 on q, k, v, o, gate, up, down of every block, by hand
@@ -362,10 +319,9 @@ def test_parameter_report_counts(mix_at, points_per_block):
 @pytest.mark.parametrize("seed", range(4))
 def test_packed_scores_equal_separate_sequences(seed):
     """Random prefix lengths (beyond the sliding window of 8) and candidate lengths; n = 2 streams with trained
-    integrators (after the attention sub-layers too for odd seeds), so the check covers mixing as well as masks
-    and positions."""
+    integrators, so the check covers mixing as well as masks and positions."""
     rnd = random.Random(seed)
-    model = XCrossModel(tiny_decoder(seed), 2, LORA, XCrossConfig(mix_at="sublayer" if seed % 2 else "block"))
+    model = XCrossModel(tiny_decoder(seed), 2, LORA)
     _randomise_model(model, seed)
     examples = []
     for _ in range(3):
@@ -387,7 +343,7 @@ def test_compiled_regions_match_eager():
     """`compile_regions` (train.py --compile) changes neither scores nor gradients, over batches of two shapes
     (packed lengths differ from batch to batch in training), and keeps the parameter names. The coefficients the
     training forward returns for the log (`model(batch).coefficients`, eager and compiled) equal a separate forward's."""
-    eager = XCrossModel(tiny_decoder(0), 2, LORA, XCrossConfig(mix_at="sublayer"))
+    eager = XCrossModel(tiny_decoder(0), 2, LORA)
     _randomise_model(eager, 1)
     compiled = copy.deepcopy(eager)
     compiled.compile_regions()
@@ -407,14 +363,13 @@ def test_compiled_regions_match_eager():
             grads.append((scores.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}))
             logged.append(coefficient_stats(batch, stats))
             model.zero_grad(set_to_none=True)
-        assert len(separate) == eager.decoder.config.num_hidden_layers and "attention" in separate[0]
+        assert len(separate) == eager.decoder.config.num_hidden_layers
         for record in logged:
             assert len(record) == len(separate)
             for got, want in zip(record, separate):
                 assert got.keys() == want.keys()
                 for key in ("z1_mean", "z1_max", "z2_mean", "z2_max"):
                     assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
-                    assert got["attention"][key] == pytest.approx(want["attention"][key], rel=1e-4, abs=1e-6)
         torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=1e-5)
         for name, want in grads[0][1].items():
             # A weight's gradient is a sum over every token of every stream, and inductor sums in another order
@@ -425,10 +380,10 @@ def test_compiled_regions_match_eager():
             torch.testing.assert_close(grads[1][1][name], want, atol=1e-4 * scale + 1e-6, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
-def test_padding_to_a_length_multiple_changes_no_score(attention):
-    """CUDA batches are padded to a multiple of 128 tokens (fewer shapes to compile): extra padding is masked out."""
-    model = XCrossModel(tiny_decoder(0), 2, LORA, attention=attention)
+def test_padding_to_a_length_multiple_changes_no_score():
+    """CUDA batches are padded to a multiple of 128 tokens (fewer shapes to compile): extra padding is masked out
+    (with the dense masks here; with FlexAttention's block masks in tests/test_flex.py)."""
+    model = XCrossModel(tiny_decoder(0), 2, LORA)
     _randomise_model(model, 1)
     rnd = random.Random(0)
     packed = [pack([rnd.randrange(1, 100) for _ in range(n)], [[rnd.randrange(1, 100) for _ in range(3)]] * 4)

@@ -101,7 +101,8 @@ class Gemma3Config:
         return asdict(self)
 
 
-ModelConfig = LlamaConfig | Gemma3Config
+# The architecture of a decoder (one dataclass per family); a run's model settings are settings.ModelConfig.
+DecoderConfig = LlamaConfig | Gemma3Config
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -142,7 +143,7 @@ def _require(raw: dict, *names: str) -> None:
         raise ConfigError(f"config.json lacks required field(s) {missing}")
 
 
-def config_from_dict(raw: dict) -> ModelConfig:
+def config_from_dict(raw: dict) -> DecoderConfig:
     """Build the family's config from a parsed HF `config.json` (text configs nested under `text_config` too)."""
     if "text_config" in raw and "hidden_size" not in raw:
         raw = {**raw["text_config"], "architectures": raw.get("architectures")}
@@ -226,7 +227,7 @@ def config_from_dict(raw: dict) -> ModelConfig:
     return cfg
 
 
-def load_config(model_dir: str | Path) -> ModelConfig:
+def load_config(model_dir: str | Path) -> DecoderConfig:
     """Read `<model_dir>/config.json` into the matching family config."""
     path = Path(model_dir).expanduser() / "config.json"
     if not path.is_file():

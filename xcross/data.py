@@ -6,6 +6,7 @@ continue from the prefix length, so its score equals that of a separate `[prefix
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .files import file_sha256
 from .model import PAD_SEGMENT
 
 
@@ -46,8 +48,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 def load_domain(path: str | Path) -> Domain:
     """Read a processed domain directory (`items.jsonl`, `train/valid/test.jsonl`, `meta.json`)."""
     path = Path(path)
-    needed = ["items.jsonl", "train.jsonl", "valid.jsonl", "test.jsonl"]
-    missing = [n for n in needed if not (path / n).is_file()]
+    missing = [n for n in SPLIT_FILES if not (path / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not a processed domain (missing {missing}); build it with xcross-prepare")
     items = {r["item_id"]: r["title"] for r in _read_jsonl(path / "items.jsonl")}
@@ -110,6 +111,20 @@ class CandidateSampler:
         target = self.index[example.target]
         drawn = sample_candidates(rng, len(self.item_ids), exclude, target, c)
         return [self.item_ids[i] for i in drawn], drawn.index(target)
+
+
+SPLIT_FILES = ("items.jsonl", "train.jsonl", "valid.jsonl", "test.jsonl")
+_digests: dict[tuple, str] = {}  # (path, size, mtime) of every file -> digest: a domain is read once per process
+
+
+def domain_digest(path: str | Path) -> str:
+    """A processed domain by content: sha256 over its items and splits. A run records it, so the same data in another
+    directory (or on another machine) gives the same runs, and data changed in place is noticed."""
+    files = [Path(path) / name for name in SPLIT_FILES]
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _digests:
+        _digests[key] = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+    return _digests[key]
 
 
 # -- prompts ---------------------------------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from .data import collate, load_domain, pack
-from .experiment import eval_examples, prompt_builder
+from .experiment import eval_examples, locate_sources, prompt_builder
 from .files import atomic_write
+from .methods import get_method
 from .recommender import Recommender
-from .rundir import RunDir
+from .rundir import RunDir, source_inputs
 from .settings import RunConfig, UsageError
 from .training import length_multiple
 from .weights import load_tensors
@@ -33,7 +34,7 @@ class Findings:
     valid: list[dict]  # its validation records: step, valid {metric: mean}
     streams: list[str]  # the name of each stream (its source domain); one unnamed stream for lora/head/merge
     stream_weights: np.ndarray | None  # (n,) from best.safetensors, for methods that train w
-    coefficients: dict[str, np.ndarray] = field(default_factory=dict)  # "z1", "z2" (and "attention z1/z2"): (L, P)
+    coefficients: dict[str, np.ndarray] = field(default_factory=dict)  # "z1", "z2": (L, P)
     coefficient_users: int = 0
     missing: list[str] = field(default_factory=list)  # what a method or a run does not have, and why
 
@@ -53,25 +54,18 @@ def read_log(path: Path) -> tuple[list[dict], list[dict]]:
 @torch.no_grad()
 def coefficient_map(rec: Recommender, examples, builder) -> dict[str, np.ndarray]:
     """Mean |z¹| and |z²| per block and ordered stream pair over every real token of `examples` (their stored
-    candidates after their history), from the model's own integrators: {"z1": (L, P), "z2": (L, P)}, with
-    "attention z1", "attention z2" where the run also mixes after the attention sub-layers."""
+    candidates after their history), from the model's own integrators: {"z1": (L, P), "z2": (L, P)}."""
     model, pad = rec.model, builder.tokenizer.pad_id or 0
-    sums: dict[str, torch.Tensor] = {}
-    tokens = 0
+    sums, tokens = 0, 0
     for start in range(0, len(examples), rec.batch_size):
         chunk = examples[start:start + rec.batch_size]
         packed = [pack(builder.prefix(e.history), [builder.candidate(c) for c in e.candidates]) for e in chunk]
         batch = collate(packed, pad, multiple=length_multiple(rec.device)).to(rec.device)
-        coefficients = model(batch).coefficients
         valid = batch.token_mask()  # (B, T)
-        for point, prefix in (("block", ""), ("attention", "attention ")):
-            if coefficients[point]:
-                z = torch.stack([c[valid].abs().float().sum(0) for c in coefficients[point]]).cpu()  # (L, 2P)
-                pairs = z.shape[1] // 2
-                for name, part in (("z1", z[:, :pairs]), ("z2", z[:, pairs:])):
-                    sums[prefix + name] = sums.get(prefix + name, 0) + part
+        sums = sums + torch.stack([z[valid].abs().float().sum(0) for z in model(batch).coefficients]).cpu()  # (L, 2P)
         tokens += int(valid.sum())
-    return {name: (s / tokens).numpy() for name, s in sums.items()}
+    pairs = sums.shape[1] // 2
+    return {"z1": (sums[:, :pairs] / tokens).numpy(), "z2": (sums[:, pairs:] / tokens).numpy()}
 
 
 def collect(run_dir: str | Path, users: int = 8, device="cpu") -> Findings:
@@ -79,10 +73,12 @@ def collect(run_dir: str | Path, users: int = 8, device="cpu") -> Findings:
     validation users of the run's own evaluation subsample for the coefficient map."""
     run = RunDir.load(run_dir)
     config = run.config()
+    if run.file("inputs.json").is_file():  # what it was built on must still be there: else it is not this run
+        run.check_inputs({"sources": source_inputs(locate_sources(run, config))}, "inspecting it")
     results = run.results() if run.finished() else None
     loss, valid = read_log(run.file("log.jsonl"))
     method = config.method
-    multi = method in ("xcross", "ensemble")
+    multi = get_method(method).streams_per_source
     found = Findings(run.path, config, results, loss, valid, list(config.sources) if multi else [method], None)
     if not loss and not valid:
         found.missing.append(f"no training log: {run.file('log.jsonl')} is missing or empty")
@@ -225,7 +221,7 @@ def summary(found: Findings, written: list[Path]) -> str:
     """A short markdown account of what `collect` found and which plots show it."""
     c, res = found.config, found.results or {}
     lines = [f"# {c.method} on {c.target}: inspection", "", f"Run `{found.run}`"
-             + (f", sources {', '.join(c.sources)}" if c.method in ("xcross", "ensemble", "merge") else "") + "."]
+             + (f", sources {', '.join(c.sources)}" if get_method(c.method).reads_sources else "") + "."]
     training = res.get("training", {})
     if training:
         lines.append(f"{training['steps']} steps on {training['train_examples']} training examples; best validation "

@@ -1,4 +1,6 @@
-"""LoRA with n adapters stacked in one layer: stream m of an `(n, B, T, in)` input goes through adapter m.
+"""LoRA with n adapters stacked in one layer: stream m of an `(n, B, T, in)` input goes through adapter m; and the
+adapter file (one adapter + its scoring head, with the base it was trained on), with the one check that an adapter
+fits a base.
 
 The base `weight` (and bias) stay the layer's own parameters, so base checkpoint keys never change.
 """
@@ -7,11 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .weights import load_tensors
+
+ADAPTER_FORMAT = "xcross-adapter/1"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -146,3 +152,59 @@ def average_adapters(adapters: list[dict[str, Tensor]], config: LoRAConfig) -> t
             merged[key] = torch.cat([a[key] for a in adapters], dim=1) / n
     return merged, LoRAConfig(rank=config.rank * n, alpha=config.alpha * n, dropout=config.dropout,
                               targets=config.targets)
+
+
+# -- adapter files ---------------------------------------------------------------------------------------------------
+
+
+def base_signature(decoder) -> dict:
+    """What an adapter must agree on with the base it is loaded onto: the shapes, and the weights' fingerprint
+    where the base was loaded from a directory."""
+    c = decoder.config
+    signature = {"model_type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+                 "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_attention_heads,
+                 "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim}
+    if getattr(decoder, "fingerprint", None):
+        signature["fingerprint"] = decoder.fingerprint
+    return signature
+
+
+def read_adapter_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
+    """(adapter tensors, head tensors, config) of an xcross adapter file (`ADAPTER_FORMAT`)."""
+    tensors, config = load_tensors(path)
+    if config.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{path} is not an xcross adapter file (format {config.get('format')!r})")
+    adapter = {k: v for k, v in tensors.items() if ".lora_" in k}
+    head = {k: v for k, v in tensors.items() if k.startswith("head.")}
+    return adapter, head, config
+
+
+def check_adapter(source: str, tensors: dict[str, Tensor], config: dict, decoder,
+                  expected: LoRAConfig | None = None) -> None:
+    """The one compatibility check of an adapter (`config`: its file's metadata) against a base decoder and, if
+    given, the LoRA settings a run asks for. Fails with a message naming what differs."""
+    if config.get("base") is not None:  # keys both sides record (an in-memory base has no fingerprint)
+        signature = base_signature(decoder)
+        diff = {k: (config["base"][k], v) for k, v in signature.items()
+                if k in config["base"] and config["base"][k] != v}
+        if diff:
+            raise ValueError(f"{source} was trained on another base model: (adapter, this base) differ in {diff}")
+    lora = LoRAConfig.from_dict(config["lora"])
+    if expected is not None:
+        for key in ("rank", "alpha", "targets"):
+            have, want = getattr(lora, key), getattr(expected, key)
+            if (set(have) != set(want)) if key == "targets" else have != want:
+                raise ValueError(f"{source}: adapter {key} {have} != expected {key} {want}")
+    linears = {name: m for name, m in decoder.named_modules()
+               if isinstance(m, (nn.Linear, LoRALinear)) and name.rsplit(".", 1)[-1] in lora.targets}
+    want = {f"{n}.lora_{p}" for n in linears for p in "AB"}
+    got = {k for k in tensors if ".lora_" in k}
+    if want != got:
+        missing, extra = sorted(want - got), sorted(got - want)
+        raise ValueError(f"{source}: adapter layers differ from the model: missing {missing[:3]}, extra {extra[:3]}")
+    for name, layer in linears.items():
+        for part, shape in (("A", (lora.rank, layer.in_features)), ("B", (layer.out_features, lora.rank))):
+            t = tensors[f"{name}.lora_{part}"]
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{source}: {name}.lora_{part} has shape {tuple(t.shape)} but the model needs "
+                                 f"{shape} (was the adapter trained on another base model?)")

@@ -1,95 +1,126 @@
-"""Every method as an `XCrossModel`, and the files they live in: source-adapter files, trained-weight checkpoints,
-the one check that an adapter fits a base, and the trainable-parameter report."""
+"""Every method as one record (what it trains, how many source adapters it takes, which settings it reads, what it
+saves) and its build function, all as an `XCrossModel`; the files they live in and the trainable-parameter report."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .lora import LoRAConfig, LoRALinear, adapter_tensors, average_adapters, set_adapters
+from .lora import (ADAPTER_FORMAT, LoRAConfig, LoRALinear, adapter_tensors, average_adapters, base_signature,
+                   check_adapter, read_adapter_file, set_adapters)
 from .model import Decoder
-from .weights import load_decoder, load_tensors, save_tensors
-from .xcross import XCrossConfig, XCrossModel
+from .peft import is_peft_directory, read_peft_adapter
+from .weights import load_decoder, save_tensors
+from .xcross import XCrossConfig, XCrossModel, head_tensors
 
-ADAPTER_FORMAT = "xcross-adapter/1"
 CHECKPOINT_FORMAT = "xcross-model/1"
-METHODS = ("xcross", "lora", "merge", "ensemble", "head", "source")
 HEAD_INITS = ("sources", "fresh")
-# Method -> (fewest, most) source adapters, and the parameter groups it trains.
-ADAPTERS_TAKEN = {"lora": (0, 0), "head": (0, 0), "source": (1, 1), "merge": (1, None), "ensemble": (1, None),
-                  "xcross": (1, None)}
-TRAINED_GROUPS = {"lora": {"adapters", "head"}, "head": {"head"}, "source": set(), "merge": {"head"},
-                  "ensemble": {"stream_weights", "head"}, "xcross": {"integrators", "stream_weights", "head"}}
+Adapter = tuple[dict[str, Tensor], dict[str, Tensor], dict]  # (adapter tensors, head tensors, file config)
 
 
-# -- adapters and their base -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    """What one method is. `build(decoder, adapters, lora, config)` makes its model from the loaded source adapters
+    (`read_adapter`'s triples, in the order of the sources)."""
+
+    name: str
+    summary: str
+    trains: frozenset[str]  # the parameter groups it trains (XCrossModel.GROUPS); empty: evaluated zero-shot
+    sources: tuple[int, int | None]  # fewest and most source adapters (None: any number)
+    build: Callable[[Decoder, list[Adapter], LoRAConfig, XCrossConfig], XCrossModel]
+    # Settings it does not read (dotted paths or their groups): they are no part of what a run of it is, so a LoRA
+    # run on toys is also the toys source adapter of every arrangement, whatever their X-Cross settings.
+    ignores: tuple[str, ...] = ()
+    # "adapter": a source-adapter file (reloaded as method "source" of itself, usable as a source of other runs);
+    # "checkpoint": its trained tensors, reloaded by building the method again from its sources
+    saves: str = "checkpoint"
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.trains)
+
+    @property
+    def reads_sources(self) -> bool:
+        return self.sources != (0, 0)
+
+    @property
+    def streams_per_source(self) -> bool:
+        """One stream per source adapter (mixed or pooled), rather than one stream."""
+        return self.sources[0] >= 2
+
+    def check_sources(self, count: int) -> None:
+        fewest, most = self.sources
+        if count < fewest or (most is not None and count > most):
+            needs = f"{fewest}" if fewest == most else f"{fewest} or more" if most is None else f"{fewest}..{most}"
+            raise ValueError(f"method {self.name} takes {needs} source adapter(s), got {count}"
+                             + (" (one source has nothing to mix: use merge, or source:<domain> zero-shot)"
+                                if self.streams_per_source and count == 1 else ""))
 
 
-def base_signature(decoder: Decoder) -> dict:
-    """What an adapter must agree on with the base it is loaded onto: the shapes, and the weights' fingerprint
-    where the base was loaded from a directory."""
-    c = decoder.config
-    signature = {"model_type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
-                 "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_attention_heads,
-                 "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim}
-    if getattr(decoder, "fingerprint", None):
-        signature["fingerprint"] = decoder.fingerprint
-    return signature
+def _lora(decoder, adapters, lora, config) -> XCrossModel:
+    return XCrossModel(decoder, 1, lora, config)
 
 
-def is_peft_directory(path: str | Path) -> bool:
-    """Whether `path` is a PEFT LoRA directory (it holds adapter_config.json) rather than an adapter file."""
-    return (Path(path) / "adapter_config.json").is_file()
+def _head(decoder, adapters, lora, config) -> XCrossModel:
+    return XCrossModel(decoder, 1, None, config)
 
 
-def read_adapter(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
+def _streams(integrate: bool):
+    def build(decoder, adapters, lora, config) -> XCrossModel:
+        model = XCrossModel(decoder, len(adapters), lora, config, integrate=integrate)
+        set_adapters(model.decoder, [a for a, _, _ in adapters])
+        return model
+    return build
+
+
+def _merge(decoder, adapters, lora, config) -> XCrossModel:
+    merged, merged_lora = average_adapters([a for a, _, _ in adapters], lora)
+    model = XCrossModel(decoder, 1, merged_lora, config)
+    set_adapters(model.decoder, [merged])
+    return model
+
+
+_NO_SOURCES = ("sources", "model.xcross", "model.head_init", "train.integrator_lr")
+_NO_INTEGRATORS = ("model.xcross", "train.integrator_lr")
+METHODS = {m.name: m for m in (
+    Method("xcross", "the n source streams mixed block by block by trained integrators; w and a head trained",
+           frozenset({"integrators", "stream_weights", "head"}), (2, None), _streams(True)),
+    Method("ensemble", "the n source streams unmixed (z = 0): only w and the head trained; what the integrators add",
+           frozenset({"stream_weights", "head"}), (2, None), _streams(False), ignores=_NO_INTEGRATORS),
+    Method("merge", "the mean of the sources' LoRA deltas as one adapter + a trained head",
+           frozenset({"head"}), (1, None), _merge, ignores=_NO_INTEGRATORS),
+    Method("lora", "a new LoRA adapter + head trained on the target", frozenset({"adapters", "head"}), (0, 0), _lora,
+           ignores=_NO_SOURCES, saves="adapter"),
+    Method("head", "the frozen base + a trained head", frozenset({"head"}), (0, 0), _head,
+           ignores=(*_NO_SOURCES, "model.lora")),
+    Method("source", "one source adapter + its head, zero-shot on the target", frozenset(), (1, 1), _streams(False),
+           ignores=_NO_INTEGRATORS),
+)}
+TRAINED_METHODS = tuple(name for name, m in METHODS.items() if m.trained)
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+# -- adapters --------------------------------------------------------------------------------------------------------
+
+
+def read_adapter(path: str | Path) -> Adapter:
     """(adapter tensors, head tensors, config) of a source-adapter file, or of a PEFT LoRA directory
     (`xcross.peft.read_peft_adapter`: its head tensors are empty unless xcross exported it)."""
     if is_peft_directory(path):
-        from .peft import read_peft_adapter  # deferred: xcross.peft builds on this module
         return read_peft_adapter(path)
     if Path(path).is_dir():
         raise ValueError(f"{path} is a directory but not a PEFT adapter (no adapter_config.json); an xcross adapter "
                          "is a .safetensors file")
-    tensors, config = load_tensors(path)
-    if config.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{path} is not an xcross adapter file (format {config.get('format')!r})")
-    adapter = {k: v for k, v in tensors.items() if ".lora_" in k}
-    head = {k: v for k, v in tensors.items() if k.startswith("head.")}
-    return adapter, head, config
-
-
-def check_adapter(source: str, tensors: dict[str, Tensor], config: dict, decoder: Decoder,
-                  expected: LoRAConfig | None = None) -> None:
-    """The one compatibility check of an adapter (`config`: its file's metadata) against a base decoder and, if
-    given, the LoRA settings a run asks for. Fails with a message naming what differs."""
-    if config.get("base") is not None:  # keys both sides record (an in-memory base has no fingerprint)
-        signature = base_signature(decoder)
-        diff = {k: (config["base"][k], v) for k, v in signature.items()
-                if k in config["base"] and config["base"][k] != v}
-        if diff:
-            raise ValueError(f"{source} was trained on another base model: (adapter, this base) differ in {diff}")
-    lora = LoRAConfig.from_dict(config["lora"])
-    if expected is not None:
-        for key in ("rank", "alpha", "targets"):
-            have, want = getattr(lora, key), getattr(expected, key)
-            if (set(have) != set(want)) if key == "targets" else have != want:
-                raise ValueError(f"{source}: adapter {key} {have} != expected {key} {want}")
-    linears = {name: m for name, m in decoder.named_modules()
-               if isinstance(m, (nn.Linear, LoRALinear)) and name.rsplit(".", 1)[-1] in lora.targets}
-    want = {f"{n}.lora_{p}" for n in linears for p in "AB"}
-    got = {k for k in tensors if ".lora_" in k}
-    if want != got:
-        missing, extra = sorted(want - got), sorted(got - want)
-        raise ValueError(f"{source}: adapter layers differ from the model: missing {missing[:3]}, extra {extra[:3]}")
-    for name, layer in linears.items():
-        for part, shape in (("A", (lora.rank, layer.in_features)), ("B", (layer.out_features, lora.rank))):
-            t = tensors[f"{name}.lora_{part}"]
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{source}: {name}.lora_{part} has shape {tuple(t.shape)} but the model needs "
-                                 f"{shape} (was the adapter trained on another base model?)")
+    return read_adapter_file(path)
 
 
 # -- building every method -------------------------------------------------------------------------------------------
@@ -105,52 +136,34 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     head_init: str = "sources",
 ) -> XCrossModel:
-    """One construction path for every method, from a base model directory (or a loaded decoder, left unchanged)
-    and source-adapter files.
+    """One construction path for every method (`METHODS`), from a base model directory (or a loaded decoder, left
+    unchanged) and source-adapter files (or PEFT directories).
 
-    - "lora": a new target adapter + head (n = 1); "head": frozen base + head; "source": one adapter + its head,
-      nothing trainable (zero-shot); "merge": the mean of the sources' deltas as one adapter + a head;
-      "ensemble": the n source streams unmixed (z ≡ 0), w and a head; "xcross": the n streams, integrators, w, head.
-    `head_init`: with source adapters the head starts as the mean of the sources' heads ("sources") or as a new
-    head that scores every candidate equally ("fresh"); a "lora" or "head" run always starts fresh. Sources without
-    a head (a PEFT adapter) are left out of the mean; with none, the head starts fresh.
+    `lora` is the new adapter's settings for "lora"; with source adapters their own settings are used. `head_init`:
+    with source adapters the head starts as the mean of the sources' heads ("sources") or as a new head that
+    scores every candidate equally ("fresh"); "source" always keeps its adapter's head, "lora" and "head" always
+    start fresh. Sources without a head (a PEFT adapter) are left out of the mean; with none, the head starts fresh.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    record = get_method(method)
     if head_init not in HEAD_INITS:
         raise ValueError(f"head_init must be one of {HEAD_INITS} (got {head_init!r})")
-    fewest, most = ADAPTERS_TAKEN[method]
-    if len(adapters) < fewest or (most is not None and len(adapters) > most):
-        raise ValueError(f"method {method!r} takes {fewest}..{most or 'n'} adapter files, got {len(adapters)}")
+    record.check_sources(len(adapters))
     decoder = base if isinstance(base, Decoder) else load_decoder(base, device, dtype)
     loaded = [read_adapter(p) for p in adapters]
-    for path, (tensors, _, meta) in zip(adapters, loaded):
-        check_adapter(str(path), tensors, meta, decoder, LoRAConfig.from_dict(loaded[0][2]["lora"]))
     if loaded:
         lora = LoRAConfig.from_dict(loaded[0][2]["lora"])
-    if method == "head":
-        model = XCrossModel(decoder, 1, None, config)
-    elif method == "merge":
-        merged, merged_lora = average_adapters([a for a, _, _ in loaded], lora)
-        model = XCrossModel(decoder, 1, merged_lora, config)
-        set_adapters(model.decoder, [merged])
-    else:
-        model = XCrossModel(decoder, max(len(loaded), 1), lora, config, integrate=method != "ensemble")
-        if loaded:
-            set_adapters(model.decoder, [a for a, _, _ in loaded])
+    for path, (tensors, _, meta) in zip(adapters, loaded):
+        check_adapter(str(path), tensors, meta, decoder, lora)
+    model = record.build(decoder, loaded, lora, config)
     heads = [h for _, h, _ in loaded if h]  # a PEFT adapter brings no head: the mean is over those that do
     if heads and (head_init == "sources" or method == "source"):
         mean = {k.removeprefix("head."): torch.stack([h[k] for h in heads]).mean(0) for k in heads[0]}
         model.head.load_state_dict(mean)
-    model.set_trainable(TRAINED_GROUPS[method])
+    model.set_trainable(set(record.trains))
     return model.to(device)
 
 
 # -- trained weights -------------------------------------------------------------------------------------------------
-
-
-def head_tensors(model: XCrossModel) -> dict[str, Tensor]:
-    return {f"head.{k}": v for k, v in model.head.state_dict().items()}
 
 
 def trained_tensors(model: XCrossModel) -> dict[str, Tensor]:
@@ -171,6 +184,18 @@ def save_adapter(model: XCrossModel, path: str | Path, extra: dict | None = None
     tensors = {**adapter_tensors(model.decoder, 0), **head_tensors(model)}
     save_tensors(path, tensors, {"format": ADAPTER_FORMAT, "lora": model.lora.to_dict(),
                                  "base": base_signature(model.decoder), **(extra or {})})
+
+
+def save_trained(model: XCrossModel, path: Path, method: str, adapters: list[Path], extra: dict) -> None:
+    """A method's trained weights as it saves them (`Method.saves`): a LoRA run's as an adapter file (usable as a
+    source), the others' trained tensors with what rebuilds the model (method, source adapters) as metadata."""
+    if get_method(method).saves == "adapter":
+        save_adapter(model, path, extra)
+        return
+    save_tensors(path, trained_tensors(model), {
+        "format": CHECKPOINT_FORMAT, "method": method, "adapters": [str(Path(p).absolute()) for p in adapters],
+        "lora": model.lora.to_dict() if model.lora else None, **extra,
+    })
 
 
 def load_trained(model: XCrossModel, tensors: dict[str, Tensor]) -> None:

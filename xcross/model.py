@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import FULL, SLIDING, Gemma3Config, LlamaConfig, ModelConfig
+from .config import FULL, SLIDING, Gemma3Config, LlamaConfig, DecoderConfig
 
 try:  # FlexAttention (torch >= 2.5): block-sparse masks, used for packed batches on CUDA
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -39,7 +39,7 @@ class RMSNorm(nn.Module):
         return self.weight * h.type_as(x)
 
 
-def rope_inv_freq(config: ModelConfig, layer_type: str, device=None) -> Tensor:
+def rope_inv_freq(config: DecoderConfig, layer_type: str, device=None) -> Tensor:
     """Inverse RoPE frequencies for one layer type, with the "linear" and "llama3" scalings of the reference."""
     dim = config.head_dim
     base = config.rope_base(layer_type)
@@ -61,7 +61,7 @@ def rope_inv_freq(config: ModelConfig, layer_type: str, device=None) -> Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_tables(config: ModelConfig, layer_type: str, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rope_tables(config: DecoderConfig, layer_type: str, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin for rotate-half RoPE at the given positions: `(B, 1, T, head_dim)` each, computed in fp32."""
     inv_freq = rope_inv_freq(config, layer_type, position_ids.device)
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim / 2)
@@ -121,7 +121,7 @@ def packed_block_masks(segment_ids: Tensor, position_ids: Tensor, n_streams: int
 class KVCache:
     """Preallocated keys/values for greedy generation (one stream); `length` tokens are filled."""
 
-    def __init__(self, config: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+    def __init__(self, config: DecoderConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
@@ -141,7 +141,7 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: DecoderConfig, layer_idx: int):
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
         self.layer_idx = layer_idx
@@ -200,7 +200,7 @@ _ACTIVATIONS = {
 class MLP(nn.Module):
     """Gated MLP: GeGLU (tanh) for Gemma, SwiGLU for Llama."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: DecoderConfig):
         super().__init__()
         d, f = config.hidden_size, config.intermediate_size
         bias = getattr(config, "mlp_bias", False)
@@ -265,7 +265,7 @@ class LlamaBlock(nn.Module):
 class Backbone(nn.Module):
     """The `model.*` part of the checkpoint: embeddings, blocks, final norm."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: DecoderConfig):
         super().__init__()
         gemma = isinstance(config, Gemma3Config)
         block = GemmaBlock if gemma else LlamaBlock
@@ -287,7 +287,7 @@ class Decoder(nn.Module):
     explicit position ids, and returns final hidden states plus logits only where `logits_at` asks for them.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = config
         self.model = Backbone(config)

@@ -15,10 +15,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .files import atomic_directory
-from .lora import DEFAULT_TARGETS, LoRAConfig, adapter_tensors
-from .methods import base_signature, head_tensors, read_adapter
+from .lora import DEFAULT_TARGETS, LoRAConfig, adapter_tensors, base_signature, read_adapter_file
 from .weights import load_tensors, read_safetensors, save_tensors
-from .xcross import XCrossModel
+from .xcross import XCrossModel, head_tensors
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -41,6 +40,11 @@ NOT_PLAIN = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "la
 # Initialisations that also rewrite the base weights (W - s B A): the adapter belongs to that rewritten base.
 # PEFT's `save_pretrained(path_initial_model_for_weight_conversion=...)` turns such an adapter into plain LoRA.
 BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+def is_peft_directory(path: str | Path) -> bool:
+    """Whether `path` is a PEFT LoRA directory (it holds adapter_config.json) rather than an adapter file."""
+    return (Path(path) / PEFT_CONFIG).is_file()
 
 
 def _is_plain(value) -> bool:
@@ -82,7 +86,7 @@ def read_peft_adapter(path: str | Path, model_dir: str | Path | None = None
     adapter has no scoring head: the head tensors are empty, unless the directory was written by `export_peft`
     (its `xcross_head.safetensors`, whose base signature then goes into the config for `check_adapter`). With
     `model_dir`, PEFT's `base_model_name_or_path` must equal, as a string, the name that directory records
-    (`base_name`), where both have one; shapes are checked against a decoder by `methods.check_adapter`.
+    (`base_name`), where both have one; shapes are checked against a decoder by `lora.check_adapter`.
     """
     path = Path(path)
     config_path, weights_path = path / PEFT_CONFIG, path / PEFT_WEIGHTS
@@ -148,7 +152,7 @@ def export_peft(adapter: str | Path | XCrossModel, out_dir: str | Path,
         tensors, head, lora = adapter_tensors(adapter.decoder, 0), head_tensors(adapter), adapter.lora
         extra = {"base": base_signature(adapter.decoder)}
     else:
-        tensors, head, config = read_adapter(adapter)
+        tensors, head, config = read_peft_adapter(adapter) if is_peft_directory(adapter) else read_adapter_file(adapter)
         lora = LoRAConfig.from_dict(config["lora"])
         extra = {k: v for k, v in config.items() if k not in ("format", "lora", "peft")}
     out_dir = Path(out_dir)

@@ -11,12 +11,38 @@ from .metrics import METRICS
 from .training import EvalResult
 
 
+class MixedEvaluation(ValueError):
+    """Scores of one table that were not all scored on the same users and candidates."""
+
+
+def same_scored(results: dict[str, EvalResult]) -> None:
+    """Refuse scores of different evaluations in one comparison: every one must have ranked the same candidates for
+    the same users (their identity's "scored" digest), else their rows do not compare, paired or not."""
+    digests = {name: r.identity.get("scored") for name, r in results.items()}
+    if None in digests.values() or len(set(digests.values())) > 1:
+        groups: dict = {}
+        for name, r in results.items():
+            groups.setdefault(r.identity.get("scored"), []).append(f"{name} ({len(r.labels)} users)")
+        raise MixedEvaluation("scores of different test users or candidates in one table: "
+                              + " | ".join(", ".join(names) for names in groups.values()))
+
+
 def comparison_rows(entries: dict[str, tuple[EvalResult, dict]], seed: int = 0) -> list[dict]:
+    """One row per method: each metric's mean and interval, the users and candidates scored, and what it trained.
+    Every entry must have scored the same users and candidates (`same_scored`)."""
+    same_scored({name: result for name, (result, _) in entries.items()})
     rows = []
     for name, (result, described) in entries.items():
         metrics = result.metrics(seed=seed)
-        rows.append({"method": name, **{k: metrics[k] for k in METRICS}, "users": len(result.labels), **described})
+        rows.append({"method": name, **{k: metrics[k] for k in METRICS}, "users": len(result.labels),
+                     "candidates": result.scores.shape[1], "scored": result.identity["scored"], **described})
     return rows
+
+
+def scored_on(rows: list[dict]) -> str:
+    """What a table's rows were scored on, for its caption: "384 users, 20 candidates each (scored 1a2b3c4d5e6f)"."""
+    r = rows[0]
+    return f"{r['users']} users, {r['candidates']} candidates each (scored {r['scored'][:12]})"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -33,7 +59,7 @@ def write_rows(rows: list[dict], stem: Path) -> None:
     """`<stem>.json` and `<stem>.csv` (mean, low, high per metric), written atomically."""
     atomic_write(stem.with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
     columns = ["method", *[f"{m}_{part}" for m in METRICS for part in ("mean", "low", "high")],
-               "users", "trainable", "train_examples"]
+               "users", "candidates", "scored", "trainable", "train_examples"]
     extra = sorted({k for r in rows for k in r} - set(columns) - set(METRICS))
     lines = [",".join(columns + extra)]
     for r in rows:

@@ -1,67 +1,67 @@
-"""A run's directory as an object: where each of its files lives, and its identity (method, target, fraction,
-seed, sources). The directory name is made from the identity and never parsed back; the identity is read from the
-run's own config.json."""
+"""A run's directory as an object: where each of its files lives, whether the run finished, and what it was built on
+by content (`inputs.json`: the digests of its base, its data and each source adapter). The directory name is made
+from method, target, fraction and seed and never parsed back; the settings are read from the run's config.json."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-from .files import atomic_write
+from safetensors import safe_open
+
+from .data import domain_digest
+from .files import atomic_write, file_sha256
+from .peft import PEFT_CONFIG, PEFT_WEIGHTS, is_peft_directory
 from .settings import RunConfig, UsageError
+from .weights import base_fingerprint
 
-# Paths of a configuration that say how a run is evaluated or executed, not what it trains: a finished run is
-# reused whatever they are (evaluation re-scores it under the comparison's own settings).
-NOT_IDENTITY = ("out", "preset", "preset_reason", "train_sources", "model.device", "model.compile",
-                "data.max_eval_users", "data.num_candidates", "data.eval_seed", "train.eval_batch_size",
-                "train.loggers")
-# What may change when an interrupted run is resumed: where and how it executes, never what it computes.
-RESUMABLE_CHANGES = ("out", "preset", "preset_reason", "train_sources", "model.device", "model.compile",
-                     "train.loggers")
-# What a method does not read: a LoRA run on a target uses no source, so the sources it was listed with are not part
-# of what it is (an arrangement's source adapter on `toys` is also the `lora` run of the arrangement targeting toys).
-UNUSED_BY = {"lora": ("sources",)}
-# What a source adapter is a product of: a finished source run is reused by any run that agrees on these.
-SOURCE_IDENTITY = ("model.model_dir", "model.lora", "data", "train.seed")
+OUTPUTS = ("config.json", "inputs.json", "log.jsonl", "best.safetensors", "test_scores.npz", "results.json")
 
 
-# Paths compared by the directory they name, so `data/amazon` run from /work and `/work/data/amazon` agree.
-PATH_KEYS = ("data.data_dir", "model.model_dir")
+def adapter_digest(path: str | Path) -> str:
+    """A source adapter by content: the sha256 of its file, or of a PEFT directory's config and weights."""
+    path = Path(path)
+    if is_peft_directory(path):
+        return hashlib.sha256("".join(file_sha256(path / name) for name in (PEFT_CONFIG, PEFT_WEIGHTS))
+                              .encode()).hexdigest()
+    return file_sha256(path)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
+def source_inputs(sources: list[tuple[str | None, Path]]) -> list[dict]:
+    """Each source adapter (domain, path) by content; a missing one has the digest "missing"."""
+    return [{"domain": domain, "path": str(Path(path).absolute()),
+             "sha256": adapter_digest(path) if Path(path).exists() else "missing"} for domain, path in sources]
+
+
+def inputs_of(model_dir: str | Path, domain_dir: str | Path, sources: list[tuple[str | None, Path]]) -> dict:
+    """What a run is built on, by content: the base's fingerprint, the target domain's digest and each source
+    adapter's (domain, path, sha256), in the order of its streams."""
+    return {"base": base_fingerprint(model_dir), "data": domain_digest(domain_dir), "sources": source_inputs(sources)}
+
+
+def input_changes(recorded: dict, current: dict) -> list[str]:
+    """How the files a run was built on differ from those it would be built on now (the parts `current` has), one
+    phrase each."""
+    out = []
+    if "base" in current and recorded.get("base") != current["base"]:
+        out.append(f"the base model's weights (fingerprint {recorded.get('base')} then, {current['base']} now)")
+    if "data" in current and recorded.get("data") != current["data"]:
+        out.append("the target's processed data (its files have other content)")
+    then, now = recorded.get("sources", []), current["sources"]
+    if [s["domain"] for s in then] != [s["domain"] for s in now]:
+        out.append(f"the sources ({', '.join(str(s['domain']) for s in then)} then, "
+                   f"{', '.join(str(s['domain']) for s in now)} now)")
+    else:
+        out += [f"source {b['domain'] or b['path']} ({b['path']}, sha256 {a['sha256'][:12]} then, {b['sha256'][:12]} "
+                "now)" for a, b in zip(then, now) if a["sha256"] != b["sha256"]]
     return out
-
-
-def differences(saved: RunConfig, wanted: RunConfig, only: tuple[str, ...] | None = None,
-                ignore: tuple[str, ...] = NOT_IDENTITY) -> list[str]:
-    """Dotted paths (with both values) where two configurations differ, within `only` and outside `ignore` and
-    what the saved run's method does not read (`UNUSED_BY`)."""
-    a, b = _flatten(saved.to_dict()), _flatten(wanted.to_dict())
-    ignore = (*ignore, *UNUSED_BY.get(saved.method, ()))
-
-    def within(key: str, paths) -> bool:
-        return any(key == p or key.startswith(p + ".") for p in paths)
-
-    def same(k: str) -> bool:
-        x, y = a.get(k), b.get(k)
-        if k in PATH_KEYS and isinstance(x, str) and isinstance(y, str):
-            return Path(x).expanduser().resolve() == Path(y).expanduser().resolve()
-        return x == y
-
-    keys = [k for k in sorted(set(a) | set(b)) if (only is None or within(k, only)) and not within(k, ignore)]
-    return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in keys if not same(k)]
 
 
 @dataclass(frozen=True)
@@ -79,25 +79,26 @@ class RunDir:
     @classmethod
     def load(cls, path: str | Path) -> RunDir:
         """The run in `path` (wherever it now lives: also moved, or written with a `--out` relative to another
-        working directory), its identity read from its config.json."""
+        working directory), its name read from its config.json."""
         path = Path(path)
         if not (path / "config.json").is_file():
             raise UsageError(f"{path} is not a run directory (no config.json); a run is <out>/<target>/<name>, "
                              "written by xcross-train")
-        config = RunConfig.from_dict(json.loads((path / "config.json").read_text()))
+        config = read_config(path / "config.json")
         run_dir = replace(cls.of(config), out=path.parent.parent)
         if run_dir.path.name != path.name:
             raise UsageError(f"{path} holds the run {run_dir.name} of {config.target}: its directory was renamed")
         return run_dir
 
     @classmethod
-    def finished_runs(cls, out: str | Path, target: str) -> list[RunDir]:
-        """Every finished run of `target` under `out`, ordered by name."""
+    def finished_runs(cls, out: str | Path, target: str, damaged: bool = False) -> list[RunDir]:
+        """Every finished run of `target` under `out`, ordered by name; with `damaged`, also those with results
+        whose other files are missing or unreadable (to name them)."""
         root = Path(out) / target
         if not root.is_dir():
             return []
-        dirs = [p for p in sorted(root.iterdir()) if (p / "config.json").is_file() and (p / "results.json").is_file()]
-        return [cls.load(p) for p in dirs]
+        runs = [cls.load(p) for p in sorted(root.iterdir()) if (p / "results.json").is_file()]
+        return [r for r in runs if damaged or r.finished()]
 
     @property
     def name(self) -> str:
@@ -110,24 +111,72 @@ class RunDir:
         return self.out / self.target / self.name
 
     def file(self, name: str) -> Path:
-        """config.json, results.json, best.safetensors, log.jsonl, test_scores.npz."""
+        """One of `OUTPUTS`, or another file of the run (ckpt/, inspect/, partial scores)."""
         return self.path / name
 
     @property
     def best(self) -> Path:
         return self.path / "best.safetensors"
 
+    def started(self) -> bool:
+        """Whether anything of a run is here (a finished or an interrupted one)."""
+        return self.path.is_dir() and any(p.name != ".lock" for p in self.path.iterdir())
+
     def finished(self) -> bool:
-        return self.file("results.json").is_file()
+        """Whether every file the run's method needs is present and readable: its config, inputs and results, its
+        weights, and its test scores when it was tested."""
+        try:
+            results = self.results()
+            self.config()
+            self.inputs()
+            with safe_open(self.best, "pt"):
+                pass
+        except Exception:  # noqa: BLE001 - missing, damaged (JSON, safetensors' own errors) or of an older version
+            return False
+        return results.get("test") is None or self.file("test_scores.npz").is_file()
+
+    def damaged(self) -> list[Path]:
+        """The files of a run with results that are missing or cannot be read (what keeps it from being finished)."""
+        out = []
+        for name, read in (("config.json", self.config), ("inputs.json", self.inputs), ("results.json", self.results),
+                           ("best.safetensors", lambda: safe_open(self.best, "pt").__enter__())):
+            try:
+                read()
+            except Exception:  # noqa: BLE001 - missing, damaged, or of an older version
+                out.append(self.file(name))
+        return out or [self.file("test_scores.npz")]
 
     def config(self) -> RunConfig:
-        return RunConfig.from_dict(json.loads(self.file("config.json").read_text()))
+        return read_config(self.file("config.json"))
 
     def results(self) -> dict:
-        return json.loads(self.file("results.json").read_text())
+        return _read_json(self.file("results.json"))
+
+    def inputs(self) -> dict:
+        path = self.file("inputs.json")
+        if not path.is_file() and self.file("config.json").is_file():
+            raise UsageError(f"{self.path} was written by an earlier version of xcross (no inputs.json: the files it "
+                             "was built on are unknown); bring it up to date by training it again: xcross-train "
+                             f"--config {self.file('config.json')} --replace")
+        return _read_json(path)
 
     def write_json(self, name: str, data) -> None:
         atomic_write(self.file(name), json.dumps(data, indent=2) + "\n")
+
+    def check_inputs(self, current: dict, command: str) -> None:
+        """Refuse a run whose base, data or sources changed since it was trained, naming what changed and the
+        command that brings it up to date (`command`: what is refused, for the message)."""
+        if changed := input_changes(self.inputs(), current):
+            raise UsageError(f"{command}: {self.path} was built on files that have changed since: {'; '.join(changed)};"
+                             f" bring it up to date with xcross-train --config {self.file('config.json')}")
+
+    def clear(self) -> None:
+        """Remove the run as a whole (its outputs, checkpoints, inspection), for a run that replaces it."""
+        if self.path.is_dir():
+            for child in self.path.iterdir():
+                if child.name == ".lock":
+                    continue
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -145,3 +194,26 @@ class RunDir:
             f.write(str(os.getpid()))
             f.flush()
             yield
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} is damaged ({err}); delete the run directory to train it again, or restore the "
+                         "file") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} is damaged (not a JSON object)")
+    return data
+
+
+def read_config(path: Path, where: str | None = None) -> RunConfig:
+    """A run's config.json as its settings, with its runs directory where the run now is (it may have moved since
+    it was trained, its settings recording the old place)."""
+    config = RunConfig.from_dict(_read_json(path), where=where or str(path))
+    run = RunDir.of(config)
+    if path.name == "config.json" and path.parent.name == run.name and path.parent.parent.name == config.target:
+        config = replace(config, out=str(path.absolute().parent.parent.parent))
+    return config

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import domain_digest, load_domain
 from .experiment import (
-    evaluate_popularity, evaluate_run, evaluate_source, finished_results, prepare, run, source_config,
+    eval_examples, evaluate_popularity, evaluate_run, evaluate_source, finished_results, prepare, run, source_config,
 )
-from .files import atomic_write
+from .files import atomic_write, file_sha256
 from .metrics import METRICS, paired_difference, per_user_metrics, summarise, verdict
-from .reporting import plot_curve
+from .reporting import MixedEvaluation, plot_curve, same_scored
 from .rundir import RunDir
 from .settings import RunConfig, UsageError
-from .training import EvalResult
+from .training import EvalResult, scored_digest
 
 FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
 CURVE_METHODS = ("lora", "xcross")  # trained at every fraction
@@ -34,6 +35,19 @@ class Study:
     fractions: tuple[float, ...] = FRACTIONS
     seeds: tuple[int, ...] = (0,)
     reference: str = "lora@1"  # what every method is compared with, paired
+
+    def check(self) -> None:
+        """Refuse, before anything trains, what the report would refuse after: a reference that is not part of the
+        study, fractions or seeds named twice, no fraction 1."""
+        if len(set(self.fractions)) != len(self.fractions):
+            raise UsageError(f"--fractions names a fraction twice ({','.join(f'{f:g}' for f in self.fractions)})")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise UsageError(f"--seeds names a seed twice ({','.join(map(str, self.seeds))})")
+        if 1.0 not in self.fractions:
+            raise UsageError("--fractions must include 1 (the reference LoRA and X-Cross on every target user)")
+        known = ["popularity", *(f"source:{s}" for s in self.sources), *self.labels()]
+        if self.reference not in known:
+            raise UsageError(f"--reference {self.reference!r} is not part of the study; choose from {', '.join(known)}")
 
     @property
     def out(self) -> Path:
@@ -70,6 +84,7 @@ def run_study(study: Study, progress: bool = True, report_only: bool = False) ->
     """Train what is missing (a run interrupted before is resumed from its checkpoint), evaluate everything on the
     same test users, write the report; return it. `report_only` trains nothing: the report covers the runs
     finished so far, lists the missing ones, and a claim that needs one of them is "not yet measured"."""
+    study.check()
     if report_only:
         results, missing = collect(study, progress, finished_only=True)
         report = build_report(study, results, missing)
@@ -81,18 +96,21 @@ def run_study(study: Study, progress: bool = True, report_only: bool = False) ->
             continue
         run_dir = RunDir.of(config)
         print(f"study: training {label} (seed {config.train.seed}) into {run_dir.path}")
-        run(config, resume=run_dir.path.exists(), progress=progress)
+        run(config, resume=True, progress=progress)
     results, _ = collect(study, progress)
     report = build_report(study, results)
     write_report(study, report)
     return report
 
 
-def _cached(path: Path, compute) -> EvalResult:
+def _cached(path: Path, expected: dict, compute) -> EvalResult:
     """Scores of a method that has no run directory of its own (popularity, a source zero-shot), kept on disk so
-    that a resumed study does not score them again."""
+    that a resumed study does not score them again; reused only when they scored what is `expected` now (the same
+    users and candidates, the same weights, prompts and data), else scored again."""
     if path.is_file():
-        return EvalResult.load(path)
+        kept = EvalResult.load(path)
+        if all(kept.identity.get(k) == v for k, v in expected.items()):
+            return kept
     result = compute()
     result.save(path)
     return result
@@ -100,23 +118,30 @@ def _cached(path: Path, compute) -> EvalResult:
 
 def collect(study: Study, progress: bool = True,
             finished_only: bool = False) -> tuple[dict[str, list[EvalResult]], list[str]]:
-    """label -> one test result per seed (one for popularity), every one on the same users in the same order; and
-    the labels left out because a seed's run (or source adapter) has not finished, which `finished_only` allows."""
+    """label -> one test result per seed (one for popularity), every one on the same users and candidates in the
+    same order; and the labels left out because a seed's run (or source adapter) has not finished, which
+    `finished_only` allows."""
     base = prepare(study.base)
     out: dict[str, list[EvalResult]] = {}
     missing: list[str] = []
     scores = study.out / "scores"
     scores.mkdir(parents=True, exist_ok=True)
-    out["popularity"] = [_cached(scores / "popularity.npz", lambda: evaluate_popularity(base)[0])]
+    domain = load_domain(Path(base.data.data_dir) / base.target)
+    scored = {"scored": scored_digest(eval_examples(domain, "test", base)),
+              "data": domain_digest(Path(base.data.data_dir) / base.target)}
+    prompts = {"history_len": base.data.history_len, "title_tokens": base.data.title_tokens}
+    out["popularity"] = [_cached(scores / "popularity.npz", scored, lambda: evaluate_popularity(base)[0])]
     found: dict[str, list] = {}
     for seed in study.seeds:
         seeded = base.with_values({"train.seed": seed})
         for source in base.sources:
             cached = scores / f"source-{source}-s{seed}.npz"
-            trained = cached.is_file() or RunDir.of(source_config(seeded, source)).finished()
+            adapter = RunDir.of(source_config(seeded, source))
+            trained = adapter.finished()
+            expected = {**scored, "prompts": prompts, "weights": file_sha256(adapter.best) if trained else None}
             found.setdefault(f"source:{source}", []).append(
-                _cached(cached, lambda: evaluate_source(seeded, source, progress,
-                                                        cached.with_suffix(".partial.npz"))[0])
+                _cached(cached, expected, lambda: evaluate_source(seeded, source, progress,
+                                                                  cached.with_suffix(".partial.npz"))[0])
                 if trained or not finished_only else None)
     for label, config in study.runs():
         config = prepare(config)
@@ -129,10 +154,10 @@ def collect(study: Study, progress: bool = True,
             missing.append(label)
         else:
             out[label] = results
-    users = out["popularity"][0].user_ids
-    for label, results in out.items():
-        if any(r.user_ids != users for r in results):
-            raise RuntimeError(f"{label} was evaluated on other users than popularity; the comparison is unpaired")
+    try:
+        same_scored({f"{label} #{i}": r for label, results in out.items() for i, r in enumerate(results)})
+    except MixedEvaluation as err:
+        raise RuntimeError(f"the study's scores are not paired: {err}") from None
     return out, missing
 
 
@@ -204,8 +229,11 @@ def build_report(study: Study, results: dict[str, list[EvalResult]], missing: li
     same_fraction = [{"fraction": f, **_paired(per_user[f"xcross@{f:g}"], per_user[f"lora@{f:g}"])}
                      for f in sorted(study.fractions) if f"xcross@{f:g}" in per_user and f"lora@{f:g}" in per_user]
     claims = judge(study, per_user, list(missing))
-    return {"target": study.base.target, "sources": list(study.sources), "fractions": list(study.fractions),
+    first = results["popularity"][0]
+    base = study.base
+    return {"target": base.target, "sources": list(study.sources), "fractions": list(study.fractions),
             "seeds": list(study.seeds), "reference": study.reference, "test_users": rows[0]["users"],
+            "candidates": first.scores.shape[1], "eval_seed": base.data.eval_seed, "scored": first.identity["scored"],
             "rows": rows, "paired": paired, "same_fraction": same_fraction, "claims": claims, "missing": list(missing),
             "parameters": _parameters(study)}
 
@@ -283,8 +311,11 @@ def _paired_row(name: str, paired: dict) -> str:
 
 def format_markdown(report: dict) -> str:
     lines = [f"# Study: {', '.join(report['sources'])} -> {report['target']}", "",
-             f"{report['test_users']} test users (the same for every method), seeds {report['seeds']}; means over "
-             "seeds of per-user metrics, 95% bootstrap intervals over users.", ""]
+             f"{report['test_users']} test users of {report['target']} (drawn with eval seed {report.get('eval_seed')}), "
+             f"{report.get('candidates')} candidates each, the same for every method (scored "
+             f"{(report.get('scored') or '?')[:12]}); "
+             f"training seeds {report['seeds']}; means over seeds of per-user metrics, 95% bootstrap intervals over "
+             "users.", ""]
     if report.get("missing"):
         lines += [f"**Partial report**: not finished yet: {', '.join(report['missing'])}. Run the study command "
                   "without --report-only to train them.", ""]

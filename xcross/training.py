@@ -31,7 +31,6 @@ from .weights import load_tensors, save_tensors
 from .xcross import XCrossModel
 
 SELECTION_METRIC = "mrr"
-SCHEDULES = ("linear", "constant")
 
 
 @dataclass
@@ -45,8 +44,7 @@ class TrainConfig:
     # Integrators get their own rate: on the demo world 1e-3 wrecked the streams within 20 steps (docs/RESULTS.md).
     integrator_lr: float = 1e-4
     weight_decay: float = 0.0
-    warmup: float = 0.1  # fraction of the steps spent warming up linearly
-    schedule: str = "linear"  # after the warm-up: "linear" decay to zero, or "constant"
+    warmup: float = 0.1  # fraction of the steps spent warming up linearly, then a linear decay to zero
     grad_clip: float = 1.0
     train_candidates: int = 8  # candidates per training example (target + fresh negatives every epoch)
     eval_every: int | None = None  # validate every N steps (default: at the end of every epoch)
@@ -110,12 +108,22 @@ def training_batch(examples: list[Example], indices: np.ndarray, epoch: int, bui
 # -- evaluation ------------------------------------------------------------------------------------------------------
 
 
+def scored_digest(examples: list[Example]) -> str:
+    """What an evaluation scores, by content: every user with their true item and candidates, in order. Two scores
+    with the same digest ranked the same candidates for the same users, so they compare paired."""
+    rows = [(e.user_id, e.target, list(e.candidates)) for e in examples]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
 @dataclass
 class EvalResult:
     scores: np.ndarray  # (N, C)
     labels: np.ndarray  # (N,)
     user_ids: list[str]
     seconds: float = 0.0  # scoring wall time, earlier interrupted invocations included (not saved with the scores)
+    # What was scored and how (`evaluate`'s, plus the caller's settings): "scored" (`scored_digest`), "users",
+    # "candidates", "prompts" (history_len, title_tokens), "weights" (the digest of the scored weights), "base", "dtype"
+    identity: dict = field(default_factory=dict)
 
     def metrics(self, bootstrap: int = 1000, seed: int = 0) -> dict:
         return summarise(per_user_metrics(self.scores, self.labels), bootstrap, seed)
@@ -123,14 +131,18 @@ class EvalResult:
     def save(self, path: Path) -> None:
         def write(tmp: Path) -> None:
             with tmp.open("wb") as f:  # a file object: np.savez would append ".npz" to a path
-                np.savez(f, scores=self.scores, labels=self.labels, user_ids=np.array(self.user_ids))
+                np.savez(f, scores=self.scores, labels=self.labels, user_ids=np.array(self.user_ids),
+                         identity=np.array(json.dumps(self.identity, sort_keys=True)))
 
         atomic_write(path, write)
 
     @classmethod
     def load(cls, path: Path) -> EvalResult:
-        z = np.load(path)
-        return cls(z["scores"], z["labels"], [str(u) for u in z["user_ids"]])
+        """Scores saved by `save`; a file from before scores carried their identity loads with an empty one (so it
+        matches no evaluation and is scored again)."""
+        with np.load(path) as z:
+            identity = json.loads(str(z["identity"])) if "identity" in z.files else {}
+            return cls(z["scores"], z["labels"], [str(u) for u in z["user_ids"]], identity=identity)
 
 
 @torch.no_grad()
@@ -180,7 +192,13 @@ def evaluate(model: XCrossModel, examples: list[Example], builder: PromptBuilder
                 full[idx] = part
         scores = full
     labels = np.array([e.candidates.index(e.target) for e in examples])
-    return EvalResult(scores, labels, [e.user_id for e in examples], earlier + time.perf_counter() - started)
+    dtype = next(model.decoder.parameters()).dtype
+    identity = {"scored": scored_digest(examples), "users": len(examples), "candidates": scores.shape[1],
+                "prompts": {"history_len": builder.history_len, "title_tokens": builder.title_tokens},
+                "weights": weights, "base": getattr(model.decoder, "fingerprint", None),
+                "dtype": str(dtype).removeprefix("torch.")}
+    return EvalResult(scores, labels, [e.user_id for e in examples], earlier + time.perf_counter() - started,
+                      identity)
 
 
 def _evaluation_key(examples: list[Example], prompts: list[tuple[list[int], list[list[int]]]], batch_size: int,
@@ -214,26 +232,20 @@ def _save_partial(path: Path, key: str, scores: np.ndarray, done: int, seconds: 
 
 
 @torch.no_grad()
-def coefficient_stats(batch: Batch, coefficients: dict[str, list[Tensor]]) -> list[dict]:
-    """Per block: mean and max |z¹|, |z²| over the batch's real tokens, for the training log; with mixing after
-    the attention sub-layers too, that integrator's figures under "attention". Under torchrun the figures cover
-    every process's share of the batch (one reduction), so every process must call it."""
+def coefficient_stats(batch: Batch, coefficients: list[Tensor]) -> list[dict]:
+    """Per block: mean and max |z¹|, |z²| over the batch's real tokens, for the training log. Under torchrun the
+    figures cover every process's share of the batch (one reduction), so every process must call it."""
     valid = batch.token_mask()  # (B, T)
-    points = coefficients["block"] + coefficients["attention"]
-    pairs = points[0].shape[-1] // 2
-    sums, maxes = [], []  # per mixing point: (Σ|z¹|, Σ|z²|, entries of each) and (max |z¹|, max |z²|)
-    for z in points:
+    pairs = coefficients[0].shape[-1] // 2
+    sums, maxes = [], []  # per block: (Σ|z¹|, Σ|z²|, entries of each) and (max |z¹|, max |z²|)
+    for z in coefficients:
         z = z[valid].abs().float()
         z1, z2 = z[:, :pairs], z[:, pairs:]
         sums.append(torch.stack([z1.sum(), z2.sum(), z1.new_tensor(z1.numel())]))
         maxes.append(torch.stack([z1.max(), z2.max()]))
     sums, maxes = reduce(torch.stack(sums)), reduce(torch.stack(maxes), op="max")
-    rows = [{"z1_mean": s1 / n, "z1_max": m1, "z2_mean": s2 / n, "z2_max": m2}
+    return [{"z1_mean": s1 / n, "z1_max": m1, "z2_mean": s2 / n, "z2_max": m2}
             for (s1, s2, n), (m1, m2) in zip(sums.tolist(), maxes.tolist())]
-    out, attention = rows[:len(coefficients["block"])], rows[len(coefficients["block"]):]
-    for record, extra in zip(out, attention):
-        record["attention"] = extra
-    return out
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------------------
@@ -343,8 +355,6 @@ def make_optimizer(model: XCrossModel, config: TrainConfig, total_steps: int):
         if params:
             lr = config.integrator_lr if name == "integrators" else config.lr
             param_groups.append({"params": params, "lr": lr, "name": name})
-    if config.schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES} (got {config.schedule!r})")
     if not param_groups:
         raise ValueError("this model has nothing to train (method 'source' is evaluated zero-shot)")
     optimizer = torch.optim.AdamW(param_groups, weight_decay=config.weight_decay)
@@ -353,8 +363,6 @@ def make_optimizer(model: XCrossModel, config: TrainConfig, total_steps: int):
     def schedule(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if config.schedule == "constant":
-            return 1.0
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -480,8 +488,8 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
                     kept = checkpoints.candidates()
                     raise TrainingDiverged(
                         f"non-finite {'loss' if not torch.isfinite(loss_value) else 'gradient'} at step {state.step} "
-                        f"(epoch {state.epoch}); nothing was updated. Lower --lr/--integrator-lr or set a "
-                        "coefficient bound; " + (f"the last good checkpoint is {kept[0]}" if kept else
+                        f"(epoch {state.epoch}); nothing was updated. Lower --lr/--integrator-lr; "
+                        + (f"the last good checkpoint is {kept[0]}" if kept else
                                                  f"no checkpoint was written yet to {checkpoints.root}"))
                 optimizer.step()
                 scheduler.step()
@@ -496,7 +504,7 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
                     record = {"step": state.step, "epoch": state.epoch, "loss": loss_value.item(),
                               "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr(),
                               "examples_per_s": rate}
-                    if coefficients["block"]:  # the step's own coefficients: no second forward
+                    if coefficients:  # the step's own coefficients: no second forward
                         record["integrators"] = coefficient_stats(batch, coefficients)
                     log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", ex_s=f"{rate:.1f}")

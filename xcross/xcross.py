@@ -14,7 +14,6 @@ from .data import Batch
 from .lora import LoRAConfig, add_lora, lora_layers
 from .model import Decoder
 
-MIX_POINTS = ("block", "sublayer")
 GROUPS = ("adapters", "integrators", "stream_weights", "head")
 
 
@@ -22,10 +21,7 @@ GROUPS = ("adapters", "integrators", "stream_weights", "head")
 class XCrossConfig:
     beta: float = 1.0  # weight of the "borrow from stream m'" term
     gamma: float = 1.0  # weight of the "move away from stream m'" term
-    bound: float | None = None  # optional |z| bound, applied as bound · tanh(z / bound)
     eps: float = 1e-6  # of the parameter-free RMS normalisation of the integrator's input
-    # "block": mix after every block, as in the paper; "sublayer": also after every attention sub-layer.
-    mix_at: str = "block"
 
 
 def rms_normalise(h: Tensor, eps: float) -> Tensor:
@@ -57,10 +53,7 @@ class Integrator(nn.Module):
     def coefficients(self, h: Tensor) -> Tensor:
         """z: `(B, T, 2·n·(n−1))` from the streams `h: (n, B, T, d)`."""
         x = rms_normalise(h, self.config.eps)
-        z = torch.einsum("nbtd,knd->btk", x, self.weight.view(-1, self.n, self.d)) + self.bias
-        if self.config.bound is not None:
-            z = self.config.bound * torch.tanh(z / self.config.bound)
-        return z
+        return torch.einsum("nbtd,knd->btk", x, self.weight.view(-1, self.n, self.d)) + self.bias
 
     def mixing(self, z: Tensor) -> Tensor:
         """The per-token matrix M − I with h' = h + (M − I) h over the stream axis: `(B, T, n, n)`."""
@@ -92,14 +85,19 @@ class ScoringHead(nn.Module):
         return self.out(torch.tanh(self.dense(h.float()))).squeeze(-1)
 
 
+def head_tensors(model: XCrossModel) -> dict[str, Tensor]:
+    """The scoring head's tensors under their checkpoint names (`head.dense.weight`, ...)."""
+    return {f"head.{k}": v for k, v in model.head.state_dict().items()}
+
+
 class Streams(NamedTuple):
     hidden: Tensor  # (n, B, T, d), final-normed
-    coefficients: dict[str, list[Tensor]]  # z of every integrator: "block" (and "attention"), one per block
+    coefficients: list[Tensor]  # z of every integrator, one (B, T, 2·n·(n−1)) per block; empty without integrators
 
 
 class Scored(NamedTuple):
     scores: Tensor  # (B, C)
-    coefficients: dict[str, list[Tensor]]
+    coefficients: list[Tensor]
 
 
 class XCrossModel(nn.Module):
@@ -111,16 +109,10 @@ class XCrossModel(nn.Module):
     """
 
     def __init__(self, decoder: Decoder, n_streams: int = 1, lora: LoRAConfig | None = None,
-                 config: XCrossConfig = XCrossConfig(), attention: str = "auto", integrate: bool = True):
+                 config: XCrossConfig = XCrossConfig(), integrate: bool = True):
         super().__init__()
-        if attention not in ("auto", "sdpa", "flex"):
-            raise ValueError(f"attention must be auto, sdpa or flex (got {attention!r})")
-        # "auto": FlexAttention block masks for packed batches on CUDA, SDPA with a dense boolean mask elsewhere.
-        self.attention = attention
         if lora is None and n_streams != 1:
             raise ValueError("several streams need LoRA adapters to tell them apart")
-        if config.mix_at not in MIX_POINTS or (config.bound is not None and not config.bound > 0):
-            raise ValueError(f"mix_at must be one of {MIX_POINTS} and a bound positive (got {config})")
         shared = {id(t): t for t in (*decoder.parameters(), *decoder.buffers())}
         self.decoder = copy.deepcopy(decoder, memo=shared)
         self.n_streams, self.lora, self.config = n_streams, lora, config
@@ -128,13 +120,8 @@ class XCrossModel(nn.Module):
             add_lora(self.decoder, lora, n_streams)
         d, n_blocks = decoder.config.hidden_size, decoder.config.num_hidden_layers
         device = decoder.model.embed_tokens.weight.device
-
-        def integrators(wanted: bool):
-            return nn.ModuleList(Integrator(n_streams, d, config, device) for _ in range(n_blocks)) if wanted else None
-
-        mixing = integrate and n_streams > 1
-        self.integrators = integrators(mixing)
-        self.attention_integrators = integrators(mixing and config.mix_at == "sublayer")
+        self.integrators = nn.ModuleList(Integrator(n_streams, d, config, device) for _ in range(n_blocks)) \
+            if integrate and n_streams > 1 else None
         self.stream_weights = nn.Parameter(torch.full((n_streams,), 1.0 / n_streams, device=device))
         self.head = ScoringHead(d, device)
         self.trainable: frozenset[str] = frozenset()
@@ -144,23 +131,17 @@ class XCrossModel(nn.Module):
 
     def streams(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 segment_ids: Tensor | None = None) -> Streams:
-        """Every stream through every block in lockstep, mixed after each block (and after each attention
-        sub-layer with `mix_at="sublayer"`)."""
-        use_flex = segment_ids is not None and (self.attention == "flex" or
-                                                (self.attention == "auto" and input_ids.is_cuda))
+        """Every stream through every block in lockstep, mixed after each block. A packed batch (`segment_ids`) on
+        CUDA attends through FlexAttention block masks; elsewhere SDPA takes the dense boolean mask."""
         inputs = self.decoder.attention_inputs(input_ids, attention_mask, position_ids, self.n_streams,
-                                               segment_ids=segment_ids if use_flex else None)
+                                               segment_ids=segment_ids if input_ids.is_cuda else None)
         x = self.decoder.embed(input_ids)[None].expand(self.n_streams, -1, -1, -1)  # (n, B, T, d)
-        coefficients = {"block": [], "attention": []}
+        coefficients = []
         for i, block in enumerate(self.decoder.model.layers):
-            x = block.attend(x, inputs.rope[block.layer_type], inputs.masks[block.layer_type])
-            if self.attention_integrators is not None:
-                x, z = self.attention_integrators[i](x)
-                coefficients["attention"].append(z)
-            x = block.feed_forward(x)
+            x = block(x, inputs.rope[block.layer_type], inputs.masks[block.layer_type])
             if self.integrators is not None:
                 x, z = self.integrators[i](x)  # h'_m = h_m + Σ_{m'≠m} β z¹ h_{m'} + γ z² (h_m − h_{m'})
-                coefficients["block"].append(z)
+                coefficients.append(z)
         return Streams(self.decoder.model.norm(x), coefficients)
 
     def forward(self, batch: Batch) -> Scored:
@@ -182,7 +163,7 @@ class XCrossModel(nn.Module):
         for name, p in self.named_parameters():
             if ".lora_" in name:
                 groups["adapters"].append((name, p))
-            elif name.startswith(("integrators.", "attention_integrators.")):
+            elif name.startswith("integrators."):
                 groups["integrators"].append((name, p))
             elif name == "stream_weights":
                 if self.n_streams > 1:  # with one stream w only rescales what the head sees
@@ -217,5 +198,5 @@ class XCrossModel(nn.Module):
         for block in self.decoder.model.layers:
             block.self_attn.compile(**options)
             block.mlp.compile(**options)
-        for integrator in (*(self.integrators or ()), *(self.attention_integrators or ())):
+        for integrator in self.integrators or ():
             integrator.compile(**options)

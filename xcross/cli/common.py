@@ -1,4 +1,4 @@
-"""What the training and evaluation commands share: their flags (each a dotted path of `RunConfig`), the
+"""What the training and evaluation commands share: their flags (one per setting of `settings.SETTINGS`), the
 configuration built from them, and the bootstrapping of the embedded defaults (demo world, converted weights)."""
 
 from __future__ import annotations
@@ -7,100 +7,56 @@ import argparse
 import json
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..distributed import barrier, dist_info, init_distributed
-from ..settings import (DEFAULT_DATA_DIR, PRESETS, TRAINED_METHODS, RunConfig, UsageError, available_domains,
-                        default_model_dir, resolve, resolve_device)
+from ..rundir import read_config
+from ..settings import (DEFAULT_DATA_DIR, SETTINGS, RunConfig, UsageError, available_domains, default_model_dir,
+                        help_text, resolve, resolve_device)
 from ..training import TrainingDiverged
 
-# flag name -> (dotted config path, type, help); flags not given leave the preset's (or the default) value.
-FLAGS = {
-    "history_len": ("data.history_len", int, "history titles in a prompt, newest kept (cpu preset 5, gpu 10)"),
-    "title_tokens": ("data.title_tokens", int, "token budget of one title (cpu preset 16, gpu 24)"),
-    "num_candidates": ("data.num_candidates", int, "candidates per validation/test user, the target included "
-                                                   "(default 20)"),
-    "max_train_users": ("data.max_train_users", int, "seeded subsample of target training users, before --fraction "
-                                                     "(cpu preset 160)"),
-    "max_examples_per_user": ("data.max_examples_per_user", int, "most recent training examples per user "
-                                                                 "(cpu preset 1)"),
-    "max_eval_users": ("data.max_eval_users", int, "seeded subsample of validation/test users (cpu preset 64, "
-                                                   "gpu 2000)"),
-    "max_valid_users": ("data.max_valid_users", int, "fewer validation users than test users (default: "
-                                                     "--max-eval-users; study-cpu preset 64)"),
-    "eval_seed": ("data.eval_seed", int, "seed of that subsample; --seed never changes it (default 0)"),
-    "rank": ("model.lora.rank", int, "LoRA rank (default 8)"),
-    "alpha": ("model.lora.alpha", float, "LoRA alpha (default 16)"),
-    "dropout": ("model.lora.dropout", float, "LoRA dropout (default 0.05; cpu preset 0)"),
-    "beta": ("model.xcross.beta", float, "integrator weight of the borrow term (default 1)"),
-    "gamma": ("model.xcross.gamma", float, "integrator weight of the difference term (default 1)"),
-    "bound": ("model.xcross.bound", float, "bound |z| of the integrator coefficients by bound*tanh(z/bound) "
-                                           "(default none)"),
-    "mix_at": ("model.xcross.mix_at", str, "where the integrators mix: block (after every block, the paper; "
-                                           "default) or sublayer (also after every attention sub-layer)"),
-    "head_init": ("model.head_init", str, "X-Cross/ensemble/merge head at the start: sources (mean of the source "
-                                          "heads; default) or fresh"),
-    "compile": ("model.compile", str, "torch.compile attention, MLP and integrators: auto (on with CUDA; "
-                                      "default), on, off"),
-    "epochs": ("train.epochs", int, "passes over the training examples (default 1)"),
-    "max_steps": ("train.max_steps", int, "stop after this many optimizer steps"),
-    "batch_size": ("train.batch_size", int, "examples per optimizer step over all processes (cpu preset 8, "
-                                            "gpu 32)"),
-    "lr": ("train.lr", float, "learning rate of adapters, head and stream weights (default 5e-4; cpu preset 1e-3)"),
-    "integrator_lr": ("train.integrator_lr", float, "learning rate of the integrators (default 1e-4)"),
-    "weight_decay": ("train.weight_decay", float, "AdamW weight decay (default 0)"),
-    "warmup": ("train.warmup", float, "fraction of the steps warming the learning rates up linearly (default 0.1)"),
-    "schedule": ("train.schedule", str, "after the warm-up: linear (decay to zero; default) or constant"),
-    "train_candidates": ("train.train_candidates", int, "candidates per training example (default 8)"),
-    "eval_every": ("train.eval_every", int, "validate every N steps (default: every epoch)"),
-    "checkpoint_every": ("train.checkpoint_every", int, "checkpoint every N steps"),
-    "eval_batch_size": ("train.eval_batch_size", int, "users per evaluation batch"),
-    "log_every": ("train.log_every", int, "log loss and integrator statistics every N steps"),
-    "seed": ("train.seed", int, "training seed: initialisation, user fraction, negatives, order (default 0)"),
-    "grad_accum": ("train.grad_accum", int, "micro-batches per optimizer step: a step sees batch-size x grad-accum "
-                                            "examples, the same update as one batch that large (default 1)"),
-    "patience": ("train.patience", int, "stop after N validations without a better one (default: never; the best "
-                                        "checkpoint is kept either way)"),
-    "lora_targets": ("model.lora.targets", lambda s: tuple(t for t in s.split(",") if t),
-                     "comma-separated projections that get adapters (default: all seven, "
-                     "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)"),
-    "logger": ("train.loggers", lambda s: tuple(t for t in s.split(",") if t),
-               "besides log.jsonl: csv (log.csv), tensorboard (tb/ event files; pip install tensorboard), or both "
-               "comma-separated"),
-}
-# The run's own flags: flag name -> dotted path.
-RUN_FLAGS = {"target": "target", "method": "method", "fraction": "fraction", "data_dir": "data.data_dir",
-             "model_dir": "model.model_dir", "out": "out", "device": "model.device", "dtype": "model.dtype",
-             "preset": "preset", "train_sources": "train_sources"}
+def _parse_list(text: str) -> tuple[str, ...]:
+    return tuple(t for t in text.split(",") if t)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
-    parser.add_argument("--config", type=Path, default=None,
-                        help="a JSON (or TOML) file of settings, nested as a run's config.json (which is one: it "
-                             "reproduces its run); flags given on the command line override it")
-    parser.add_argument("--target", default=None, help="target domain (default tools)")
-    parser.add_argument("--sources", default=None, help="comma-separated source domains (default: all others)")
-    if with_method:
-        parser.add_argument("--method", default=None, choices=TRAINED_METHODS, help="what to train (default xcross)")
-    parser.add_argument("--fraction", type=float, default=None, help="seeded fraction of target training users "
-                                                                     "(default 1)")
-    parser.add_argument("--data-dir", default=None, help="processed data (default: the demo world data/demo, "
-                                                         "generated on first use)")
-    parser.add_argument("--model-dir", default=None, help="HF-layout base model (default: Gemma 3 270M, converted "
-                                                          "on first use)")
-    parser.add_argument("--out", default=None, help="runs directory (default runs/)")
-    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default=None, help="auto (bf16 where supported; default), float32, bfloat16")
-    parser.add_argument("--preset", default=None, help="auto (gpu with CUDA, else cpu; default), none, "
-                                                       + ", ".join(PRESETS))
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of each run")
-    parser.add_argument("--no-train-sources", dest="train_sources", action="store_const", const=False, default=None,
-                        help="fail instead of training missing source adapters")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    for name, (_, kind, text) in FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+PARSE = {int: int, float: float, str: str, tuple: _parse_list}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, with_method: bool = True,
+                      only: tuple[str, ...] | None = None) -> None:
+    """One flag per setting of the table (`settings.SETTINGS`) that has one, with its help and every preset's value
+    read from there; `only`: just these dotted paths. A flag not given leaves the setting to the config file, the
+    preset or the default (`config_from_args`)."""
+    if only is None:
+        parser.add_argument("--config", type=Path, default=None,
+                            help="a JSON (or TOML) file of settings, nested as a run's config.json (which is one: it "
+                                 "reproduces its run); flags given on the command line override it")
+    for setting in SETTINGS:
+        if setting.option is None or (only is not None and setting.path not in only) or \
+                (setting.path == "method" and not with_method):
+            continue
+        if setting.kind is bool:  # the one switch: --no-train-sources
+            parser.add_argument(setting.option, dest=setting.path, action="store_const", const=False, default=None,
+                                help=f"do not {setting.help}")
+            continue
+        parser.add_argument(setting.option, dest=setting.path, type=PARSE[setting.kind], default=None,
+                            metavar=_metavar(setting),
+                            help=help_text(setting))
+    if only is None:
+        parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last "
+                                                                  "checkpoint")
+        parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _metavar(setting) -> str:
+    if setting.choices and setting.kind is str:
+        return "{" + ",".join(setting.choices) + "}"
+    if setting.path in ("out", "data.data_dir", "model.model_dir"):
+        return "DIR"
+    return {int: "N", float: "X", tuple: "A,B,..."}.get(setting.kind, "NAME")
 
 
 def read_config_file(path: Path) -> RunConfig:
@@ -116,25 +72,26 @@ def read_config_file(path: Path) -> RunConfig:
     except (ValueError, ImportError) as err:  # JSONDecodeError, TOMLDecodeError; tomllib needs Python >= 3.11
         raise UsageError(f"--config {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {err}") \
             from None
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path} must hold an object of settings")
-    return RunConfig.from_dict(data)
+    if path.suffix != ".toml":
+        return read_config(path, where=f"--config {path}")  # a run's own config.json: the run where it now is
+    return RunConfig.from_dict(data, where=f"--config {path}")
+
+
+def given_flags(args: argparse.Namespace) -> dict:
+    """The settings given as flags, by dotted path."""
+    return {s.path: getattr(args, s.path) for s in SETTINGS if getattr(args, s.path, None) is not None}
 
 
 def config_from_args(args: argparse.Namespace, method: str | None = None) -> RunConfig:
-    """The resolved configuration: the `--config` file (or the defaults), its preset where it has not been applied
-    yet, then every flag given."""
-    base = read_config_file(args.config) if args.config else RunConfig()
-    explicit = {path: getattr(args, name) for name, path in RUN_FLAGS.items() if getattr(args, name, None) is not None}
+    """The resolved configuration: the `--config` file's settings (or none), every flag given, then the preset for
+    what neither gave."""
+    base = read_config_file(args.config) if args.config else RunConfig.from_dict({})
+    explicit = given_flags(args)
     if method is not None:
         explicit["method"] = method
-    if args.sources is not None:
-        explicit["sources"] = tuple(s for s in args.sources.split(",") if s)
-    explicit.update({path: getattr(args, name) for name, (path, _, _) in FLAGS.items()
-                     if getattr(args, name) is not None})
-    # Where the run executes comes first: the automatic preset depends on the device.
-    placed = base.with_values({k: v for k, v in explicit.items() if k in ("preset", "model.device")})
-    return resolve(placed, explicit)
+    if {"preset", "model.device"} & set(explicit):  # a run's config.json with another preset: resolved again
+        base = replace(base, preset_reason="")
+    return resolve(base.with_values(explicit))
 
 
 def bootstrap(config: RunConfig) -> None:

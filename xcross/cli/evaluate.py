@@ -9,10 +9,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from ..experiment import (evaluate_popularity, evaluate_run, evaluate_source, finished_results, prepare, run,
-                          source_config)
+from ..experiment import evaluate_popularity, evaluate_run, evaluate_source, prepare, run, source_config
 from ..files import atomic_write
-from ..reporting import comparison_rows, format_table, plot_curve, write_rows
+from ..reporting import comparison_rows, format_table, plot_curve, scored_on, write_rows
 from ..rundir import RunDir
 from ..runtime import keep_freed_memory
 from ..settings import RunConfig, UsageError
@@ -48,7 +47,11 @@ def evaluate_named(config: RunConfig, name: str, progress: bool):
         return evaluate_popularity(config)
     if name.startswith("source:"):
         return evaluate_source(config, name.split(":", 1)[1], progress)
-    runs = {r.name: r for r in RunDir.finished_runs(config.out, config.target)}
+    runs = {r.name: r for r in RunDir.finished_runs(config.out, config.target, damaged=True)}
+    if name in runs and not runs[name].finished():
+        runs[name].inputs()  # a run of the earlier format: refused, saying how to bring it up to date
+        raise UsageError(f"{runs[name].damaged()[0]} cannot be read ({runs[name].path} is damaged); train it again: "
+                         f"xcross-train --config {runs[name].file('config.json')} --replace")
     if name not in runs:
         raise UsageError(f"no finished run named {name!r} in {Path(config.out) / config.target} (finished: "
                          f"{', '.join(runs) or 'none'}); train it with `xcross-train --target {config.target} "
@@ -61,7 +64,7 @@ def trained_row(config: RunConfig, method: str, fraction: float, resume: bool, p
     trained as asked), else trained."""
     wanted = prepare(replace(config, method=method, fraction=fraction))
     run_dir = RunDir.of(wanted)
-    results = finished_results(wanted) or run(wanted, resume=resume, progress=progress)
+    results = run(wanted, resume=resume, progress=progress)
     result, described = evaluate_run(config, run_dir, progress)
     row = comparison_rows({method: (result, described)}, config.train.seed)[0]
     print(f"fraction {fraction:g} {method}: hit@1 {row['hit@1']['mean']:.3f} "
@@ -76,7 +79,10 @@ def curve(config: RunConfig, fractions: list[float], resume: bool, progress: boo
     names = ["popularity", *[f"source:{s}" for s in config.sources]]
     baselines = comparison_rows({m: evaluate_named(config, m, progress) for m in names}, config.train.seed)
     baselines.append(trained_row(config, "merge", 1.0, resume, progress))
-    return rows + [{**r, "baseline": True} for r in baselines]
+    rows += [{**r, "baseline": True} for r in baselines]
+    if len({r["scored"] for r in rows}) > 1:  # every row is scored under `config`: a difference is a bug
+        raise RuntimeError("the curve's rows were scored on different users or candidates")
+    return rows
 
 
 def parse_fractions(text: str) -> list[float]:
@@ -86,6 +92,8 @@ def parse_fractions(text: str) -> list[float]:
         raise UsageError(f"--fractions takes comma-separated numbers in (0, 1], got {text!r}") from None
     if bad := [f for f in fractions if not 0 < f <= 1]:
         raise UsageError(f"--fractions must lie in (0, 1], got {bad}")
+    if len(set(fractions)) != len(fractions):
+        raise UsageError(f"--fractions names a fraction twice ({text}): each is one run per method and seed")
     return fractions
 
 
@@ -97,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         bootstrap(config)
         config = prepare(config)
         target_dir = Path(config.out) / config.target
+        if args.curve and args.methods:
+            raise UsageError("--methods chooses the rows of a comparison; --curve trains and plots LoRA and X-Cross "
+                             "at each --fractions with the baselines: give one of them")
         if args.curve:
             rows = curve(config, parse_fractions(args.fractions), args.resume, not args.quiet)
             write_rows(rows, target_dir / "curve")
@@ -112,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rows = comparison_rows(entries, config.train.seed)
-    print(f"test results on {config.target} ({rows[0]['users']} users, {config.data.num_candidates} candidates "
-          "each; mean [95% bootstrap interval]):")
+    print(f"test results on {config.target} ({scored_on(rows)}; mean [95% bootstrap interval]):")
     print(format_table(rows))
     write_rows(rows, target_dir / "comparison")
     atomic_write(target_dir / "comparison_config.json", json.dumps(config.to_dict(), indent=2) + "\n")

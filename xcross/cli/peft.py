@@ -12,21 +12,21 @@ from pathlib import Path
 
 import torch
 
-from ..experiment import device_of, model_for, prepare, train_method
-from ..lora import LoRAConfig
-from ..methods import ADAPTER_FORMAT, CHECKPOINT_FORMAT, build_model, load_trained, save_adapter
+from ..experiment import model_for, place, prepare, train_method
+from ..lora import ADAPTER_FORMAT, LoRAConfig
+from ..methods import CHECKPOINT_FORMAT, build_model, get_method, load_trained, save_adapter
 from ..peft import HEAD_FILE, export_peft, read_peft_adapter
 from ..rundir import RunDir
-from ..settings import DEFAULT_DATA_DIR, RunConfig, UsageError, resolve
+from ..settings import SETTINGS, RunConfig, UsageError, resolve
 from ..training import TrainingDiverged
 from ..weights import load_decoder, load_tensors
-from .common import FLAGS, bootstrap
+from .common import add_run_arguments, bootstrap, given_flags
 
-# The training flags of xcross-train that a head-only run uses (LoRA and integrator settings come from elsewhere).
-HEAD_TRAINING_FLAGS = ("history_len", "title_tokens", "num_candidates", "max_train_users", "max_examples_per_user",
-                       "max_eval_users", "eval_seed", "compile", "epochs", "max_steps", "batch_size", "lr",
-                       "weight_decay", "warmup", "schedule", "train_candidates", "eval_every", "checkpoint_every",
-                       "eval_batch_size", "log_every", "seed", "grad_accum", "patience")
+# The settings of xcross-train that training a head over one adapter reads: what "head" reads, less what this
+# command gives itself (its target, the adapter's LoRA settings, where the run goes).
+HEAD_TRAINING = tuple(s.path for s in SETTINGS if s.role != "not identity" and s.path not in
+                      ("target", "method", "sources", "fraction", "train_sources") and not
+                      any(s.path == i or s.path.startswith(i + ".") for i in get_method("head").ignores))
 
 IMPORT_EPILOG = f"""\
 A PEFT adapter has no scoring head. The file gets a fresh one (it scores every candidate equally: fine for
@@ -77,16 +77,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     train = imp.add_argument_group("training the head (xcross-train's flags of the same names)")
     train.add_argument("--train-head-on", metavar="DOMAIN", default=None,
                        help="train the head alone on this domain over the frozen adapter")
-    train.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="processed data (default: the demo world)")
     train.add_argument("--out", default=None, help="keep the head's training run (config.json, log.jsonl, "
                                                    "results.json) under this runs directory (default: discarded)")
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    train.add_argument("--dtype", default="auto", help="auto (bf16 where supported), float32, bfloat16")
-    train.add_argument("--preset", default="auto", help="as xcross-train's")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
-    for name in (n for n in HEAD_TRAINING_FLAGS if n in FLAGS):
-        _, kind, text = FLAGS[name]
-        train.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+    add_run_arguments(train, only=("data.data_dir", "preset", *HEAD_TRAINING))
     return parser
 
 
@@ -134,7 +128,7 @@ def import_(args: argparse.Namespace) -> str:
     head_init = "sources" if keep else "fresh"
     extra = {"peft": meta["peft"]}
     if args.train_head_on is None:
-        torch.manual_seed(args.seed or 0)  # a fresh head's dense layer is random
+        torch.manual_seed(getattr(args, "train.seed") or 0)  # a fresh head's dense layer is random
         # build_model checks the shapes against the base (check_adapter)
         model = build_model(args.model_dir, "source" if keep else "merge", [peft_dir], head_init=head_init)
         save_adapter(model, out_file, {**{k: v for k, v in meta.items() if k == "domain"}, **extra})
@@ -151,17 +145,15 @@ def train_head(args: argparse.Namespace, peft_dir: Path, lora: LoRAConfig, head_
     """The head alone trained on `--train-head-on` over the frozen adapter: a "merge" run of one adapter (the
     mean of one delta is that delta), model-selected on validation. Returns (the selected model, its results)."""
     with tempfile.TemporaryDirectory(prefix="xcross-peft-") as scratch:
-        placed = RunConfig(target=args.train_head_on, method="lora", out=args.out or scratch, preset=args.preset,
-                           train_sources=False).with_values({"model.device": args.device})
-        given = {FLAGS[n][0]: getattr(args, n) for n in HEAD_TRAINING_FLAGS if getattr(args, n, None) is not None}
-        explicit = {"data.data_dir": args.data_dir, "model.model_dir": args.model_dir, "model.dtype": args.dtype,
-                    **given}
-        config = resolve(placed, explicit).with_values({"model.lora": lora, "model.head_init": head_init})
+        given = {"target": args.train_head_on, "method": "lora", "out": args.out or scratch, "train_sources": False,
+                 "model.model_dir": args.model_dir, **given_flags(args)}
+        config = resolve(RunConfig.from_dict({}).with_values(given))
+        config = config.with_values({"model.lora": lora, "model.head_init": head_init})
         bootstrap(config)
         # Validated as the LoRA run it stands in for: a merge run would ask for source domains of the data, but
         # its one adapter is the imported one.
         config = replace(prepare(config), method="merge", sources=())
-        decoder = load_decoder(config.model.model_dir, *device_of(config))
+        decoder = load_decoder(config.model.model_dir, *place(config))
         results = train_method(config, decoder, [peft_dir], progress=not args.quiet, test=False)
         model = model_for(config, decoder, [peft_dir])
         load_trained(model, load_tensors(RunDir.of(config).best)[0])

@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from ..distributed import dist_info
-from ..experiment import finished_as_asked, prepare, run
-from ..reporting import comparison_rows, format_table
+from ..experiment import prepare, run
+from ..reporting import comparison_rows, format_table, scored_on
 from ..rundir import RunDir
 from ..runtime import keep_freed_memory
 from ..settings import PRESETS
@@ -22,6 +22,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         epilog="Without --data-dir the embedded demo world (data/demo) is generated on first use; without "
                "--model-dir Gemma 3 270M is converted from its PyPI GGUF. Presets: " + ", ".join(PRESETS) + ".")
     add_run_arguments(parser)
+    parser.add_argument("--replace", action="store_true",
+                        help="replace the run in the directory as a whole when it was made with other settings (by "
+                             "default it is refused: one run per directory; use another --out to keep both)")
     parser.add_argument("--no-test", dest="test", action="store_false",
                         help="train and select on validation only, leaving the test split unread (for choosing "
                              "settings; `xcross-evaluate` with the same flags tests it later)")
@@ -46,18 +49,14 @@ def _main(argv: list[str] | None) -> int:
         if dist_info().main:
             print(f"preset {config.preset}: {config.preset_reason}")
         run_dir = RunDir.of(config)
-        kept = finished_as_asked(config, args.test) if args.resume else None
-        if kept is not None and dist_info().main:
-            print(f"{run_dir.path} has finished with these settings: nothing to resume, its results are kept "
-                  "(without --resume it is trained again)")
-        results = kept or run(config, resume=args.resume, progress=not args.quiet, test=args.test)
+        results = run(config, resume=args.resume, progress=not args.quiet, test=args.test, replace_run=args.replace)
         if dist_info().main:
             if args.test:
-                rows = comparison_rows({config.method: (EvalResult.load(run_dir.file("test_scores.npz")), {
+                scores = EvalResult.load(run_dir.file("test_scores.npz"))
+                rows = comparison_rows({config.method: (scores, {
                     "trainable": results["parameters"]["trainable"],
                     "train_examples": results["training"]["train_examples"]})}, seed=config.train.seed)
-                print(f"\ntest results on {config.target} ({results['test_users']} users, "
-                      f"{config.data.num_candidates} candidates each; 95% bootstrap intervals):")
+                print(f"\ntest results on {config.target} ({scored_on(rows)}; 95% bootstrap intervals):")
                 print(format_table(rows))
             else:
                 training = results["training"]
@@ -65,7 +64,7 @@ def _main(argv: list[str] | None) -> int:
                              training["best_valid"])
                 print(f"\nvalidation of the selected step {training['best_step']} on {config.target} (the test "
                       "split is not read): " + ", ".join(f"{m} {v:.3f}" for m, v in valid.items()))
-            if kept is None:
+            if not results.get("kept"):
                 print(f"\nwrote {run_dir.path}/results.json, config.json, best.safetensors "
                       f"({results['seconds']:.0f} s in all)")
         return 0
