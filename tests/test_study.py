@@ -117,8 +117,8 @@ def test_sources_left_at_their_default_are_the_other_domains_in_the_report(strai
     named = RunDir.load(straight / "toys" / "xcross").config()  # the study's base: seed 0, every target user
     assert named.sources == ("sports", "tools")
     study = Study(replace(named, sources=()), fractions=(0.5, 1.0), seeds=(0, 1))
-    results, missing = collect(study, progress=False, finished_only=True)
-    report = json.loads(json.dumps(_strict_json(build_report(study, results, missing))))
+    results, missing, records = collect(study, progress=False, finished_only=True)
+    report = json.loads(json.dumps(_strict_json(build_report(study, results, missing, records))))
     assert report["sources"] == ["sports", "tools"]
     beats = report["claims"][1]["evidence"]
     assert {"xcross@1 - source:sports", "xcross@1 - source:tools"} <= beats.keys()
@@ -142,11 +142,69 @@ def test_a_study_run_again_with_other_evaluation_settings_rescores_or_refuses(se
     assert all(r["users"] == 12 for r in after["rows"])
     assert "12 test users of toys (drawn with eval seed 0), 10 candidates each" in \
         (out / "toys" / "study" / "report.md").read_text()
-    # the cached popularity and zero-shot scores were scored again too
-    assert np.load(out / "toys" / "study" / "scores" / "popularity.npz")["scores"].shape == (12, 10)
+    # popularity and the zero-shots were scored again too: their evidence says so
+    for name in ("popularity", "source-sports-s0", "source-tools-s1"):
+        scored = json.loads((out / "toys" / "study" / "evidence" / f"{name}.json").read_text())["evaluation"]
+        assert (scored["users"], scored["candidates"], scored["scored"]) == (12, 10, after["scored"])
     refused = run_cli("-m", [*study_args(setup, out)[1:], "--eval-seed", "1"], timeout=300)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "holds a run trained otherwise" in refused.stderr and "validation users" in refused.stderr
+
+
+def _flags_without_data(setup, out: Path) -> list[str]:
+    """The straight study's flags with the data, the base model and the runs all elsewhere (nowhere)."""
+    flags = common_flags(setup["world"], setup["model"], out, **TINY_STUDY)
+    for flag, gone in (("--data-dir", "no-data"), ("--model-dir", "no-model")):
+        flags[flags.index(flag) + 1] = str(out.parent / gone)
+    return flags
+
+
+def test_the_report_rebuilt_from_the_evidence_alone_equals_the_one_written_with_the_runs(setup, straight, tmp_path):
+    written = straight / "toys" / "study"
+    committed = tmp_path / "docs" / "study" / "toys"
+    committed.mkdir(parents=True)
+    shutil.copytree(written / "evidence", committed / "evidence")
+    assert len(list((committed / "evidence").glob("*.json"))) == 1 + 2 * 2 + 2 * 6  # popularity, zero-shots, runs
+    proc = run_cli("-m", ["xcross.cli.study", *_flags_without_data(setup, tmp_path / "runs"), "--report-only",
+                          "--study-dir", str(committed)], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "no-data").exists()
+    for name in ("report.json", "report.md"):
+        assert (committed / name).read_text() == (written / name).read_text(), name
+    # an evidence file edited by hand is refused by name, not silently scored over
+    (committed / "evidence" / "merge-s1.json").write_text("{")
+    refused = run_cli("-m", ["xcross.cli.study", *_flags_without_data(setup, tmp_path / "runs"), "--report-only",
+                             "--study-dir", str(committed)], timeout=300)
+    assert refused.returncode == 2 and "merge-s1.json is damaged" in refused.stderr, refused.stderr
+
+
+def test_a_study_continued_from_its_evidence_trains_only_what_it_does_not_hold(setup, straight, tmp_path):
+    """Another machine: an empty runs directory, the committed evidence without one run (ensemble, seed 1). Only
+    that run is trained (with the two source adapters of its seed it needs), and the report is the same."""
+    committed = tmp_path / "study"
+    shutil.copytree(straight / "toys" / "study" / "evidence", committed / "evidence")
+    (committed / "evidence" / "ensemble-s1.json").unlink()
+    proc = run_cli("-m", [*study_args(setup, tmp_path / "runs")[1:], "--study-dir", str(committed)], timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trained = [line for line in proc.stdout.splitlines() if line.startswith("study: training")]
+    assert len(trained) == 1 and trained[0].startswith("study: training ensemble (seed 1)"), trained
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["sports", "tools", "toys"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "toys").iterdir()) == ["ensemble-s1"]
+    got = json.loads((committed / "report.json").read_text())
+    want = json.loads((straight / "toys" / "study" / "report.json").read_text())
+    rows = {r["method"]: r for r in got["rows"]}
+    for row in want["rows"]:  # what the evidence held is read back exactly; seed 0 of ensemble too
+        if row["method"] == "ensemble":
+            assert rows["ensemble"]["hit@1_per_seed"][0] == row["hit@1_per_seed"][0]
+        else:
+            assert rows[row["method"]] == row
+    # seed 1's sources were trained again here: the report says that its ensemble is built on other adapter
+    # files than the ones scored zero-shot (tiny numeric differences make other bytes)
+    ensemble = json.loads((committed / "evidence" / "ensemble-s1.json").read_text())["inputs"]["sources"]
+    same = all(s["sha256"] == json.loads((committed / "evidence" / f"source-{s['domain']}-s1.json").read_text())
+               ["weights"] for s in ensemble)
+    assert got["provenance"]["seeds"] == {"0": {"runs_built_on_the_zero_shot_adapters": True},
+                                          "1": {"runs_built_on_the_zero_shot_adapters": same}}
 
 
 def test_crossing_by_hand():

@@ -1,7 +1,8 @@
 """The study that decides the paper's claims on one arrangement (a target and its sources): LoRA and X-Cross at
 every fraction of the target's training users, merge and ensemble, popularity and every source zero-shot, for each
 training seed, all evaluated on the same users; then the paired differences against a reference and a verdict per
-claim. Every run is an ordinary run directory, so an interrupted study continues where it stopped."""
+claim. Every run is an ordinary run directory, so an interrupted study continues where it stopped; every scored
+method leaves its evidence beside the report (`xcross.evidence`), from which the report is rebuilt anywhere."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import evidence
 from .data import domain_digest, load_domain
 from .experiment import (
     eval_examples, evaluate_popularity, evaluate_run, evaluate_source, finished_results, prepare, run, source_config,
@@ -20,7 +22,7 @@ from .files import atomic_write, file_sha256
 from .metrics import METRICS, paired_difference, per_user_metrics, summarise, verdict
 from .reporting import MixedEvaluation, plot_curve, same_scored
 from .rundir import RunDir
-from .settings import RunConfig, UsageError
+from .settings import TRAINING, RunConfig, UsageError, available_domains, settings_of
 from .training import EvalResult, scored_digest
 
 FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
@@ -35,6 +37,7 @@ class Study:
     fractions: tuple[float, ...] = FRACTIONS
     seeds: tuple[int, ...] = (0,)
     reference: str = "lora@1"  # what every method is compared with, paired
+    directory: str | None = None  # where the report and its evidence go (default <out>/<target>/study)
 
     def check(self) -> None:
         """Refuse, before anything trains, what the report would refuse after: a reference that is not part of the
@@ -51,12 +54,21 @@ class Study:
 
     @property
     def out(self) -> Path:
-        return Path(self.base.out) / self.base.target / "study"
+        return Path(self.directory) if self.directory else Path(self.base.out) / self.base.target / "study"
+
+    @property
+    def evidence(self) -> Path:
+        return self.out / "evidence"
 
     @property
     def sources(self) -> tuple[str, ...]:
         """The source domains, filled in from the data where the config leaves them at their default (every other
         domain)."""
+        if self.base.sources:
+            return self.base.sources
+        if not available_domains(self.base.data.data_dir):
+            raise UsageError(f"name the sources with --sources: the data that would list them is not in "
+                             f"{self.base.data.data_dir}")
         return prepare(self.base).sources
 
     def labels(self) -> list[str]:
@@ -65,13 +77,24 @@ class Study:
         curve = [f"{m}@{f:g}" for f in sorted(self.fractions, reverse=True) for m in CURVE_METHODS]
         return [*curve, *FULL_METHODS]
 
+    def scored(self) -> list[tuple[str, int | None, RunConfig | None]]:
+        """(label, seed, the settings of the run it is) of everything the report scores, in the report's order:
+        popularity (no seed, no run), each source zero-shot per seed (its source LoRA run), the trained runs."""
+        base = replace(self.base, sources=self.sources)
+        out = [("popularity", None, None)]
+        for seed in self.seeds:
+            seeded = base.with_values({"train.seed": seed})
+            out += [(f"source:{s}", seed, source_config(seeded, s)) for s in base.sources]
+        return out + [(label, config.train.seed, config) for label, config in self.runs()]
+
     def runs(self) -> list[tuple[str, RunConfig]]:
         """(label, config) of every trained run, in the order they are trained: per seed, first what the claims on
         all target users need (LoRA, X-Cross, merge, ensemble), then the smaller fractions, so that a study cut
         short by a session's end has decided what it could."""
         planned = []
+        base = replace(self.base, sources=self.sources)
         for seed in self.seeds:
-            seeded = self.base.with_values({"train.seed": seed})
+            seeded = base.with_values({"train.seed": seed})
             first = [(f"{m}@1", replace(seeded, method=m, fraction=1.0)) for m in CURVE_METHODS]
             first += [(m, replace(seeded, method=m, fraction=1.0)) for m in FULL_METHODS]
             planned += first
@@ -81,75 +104,66 @@ class Study:
 
 
 def run_study(study: Study, progress: bool = True, report_only: bool = False) -> dict:
-    """Train what is missing (a run interrupted before is resumed from its checkpoint), evaluate everything on the
-    same test users, write the report; return it. `report_only` trains nothing: the report covers the runs
-    finished so far, lists the missing ones, and a claim that needs one of them is "not yet measured"."""
+    """Train what neither the evidence nor the runs directory holds (a run interrupted before is resumed from its
+    checkpoint), score everything on the same test users (writing each one's evidence), write the report; return
+    it. `report_only` trains nothing: the report covers what is held so far, lists the missing, and a claim that
+    needs one of them is "not yet measured"."""
     study.check()
-    if report_only:
-        results, missing = collect(study, progress, finished_only=True)
-        report = build_report(study, results, missing)
-        write_report(study, report)
-        return report
-    for label, config in study.runs():
-        config = prepare(config)
-        if finished_results(config) is not None:
-            continue
-        run_dir = RunDir.of(config)
-        print(f"study: training {label} (seed {config.train.seed}) into {run_dir.path}")
-        run(config, resume=True, progress=progress)
-    results, _ = collect(study, progress)
-    report = build_report(study, results)
+    if not report_only:
+        expected = expected_evaluation(study)
+        for label, config in study.runs():
+            held = evidence.read(study.evidence, label, config.train.seed)
+            if held is not None and held.holds(config, expected):
+                continue
+            config = prepare(config)
+            if finished_results(config) is not None:
+                continue
+            print(f"study: training {label} (seed {config.train.seed}) into {RunDir.of(config).path}")
+            run(config, resume=True, progress=progress)
+    results, missing, records = collect(study, progress, finished_only=report_only)
+    report = build_report(study, results, missing, records)
     write_report(study, report)
     return report
 
 
-def _cached(path: Path, expected: dict, compute) -> EvalResult:
-    """Scores of a method that has no run directory of its own (popularity, a source zero-shot), kept on disk so
-    that a resumed study does not score them again; reused only when they scored what is `expected` now (the same
-    users and candidates, the same weights, prompts and data), else scored again."""
-    if path.is_file():
-        kept = EvalResult.load(path)
-        if all(kept.identity.get(k) == v for k, v in expected.items()):
-            return kept
-    result = compute()
-    result.save(path)
-    return result
+def expected_evaluation(study: Study) -> dict:
+    """What every score of the study must have scored: the test users and candidates its settings draw (with the
+    data here, their digest; without it, the settings that draw them)."""
+    base = study.base
+    expected = {"target": base.target, "eval_seed": base.data.eval_seed, "max_eval_users": base.data.max_eval_users,
+                "num_candidates": base.data.num_candidates}
+    domain_dir = Path(base.data.data_dir) / base.target
+    if base.target in available_domains(base.data.data_dir):
+        expected["data"] = domain_digest(domain_dir)
+        expected["scored"] = scored_digest(eval_examples(load_domain(domain_dir), "test", base))
+    return expected
 
 
-def collect(study: Study, progress: bool = True,
-            finished_only: bool = False) -> tuple[dict[str, list[EvalResult]], list[str]]:
+def collect(study: Study, progress: bool = True, finished_only: bool = False
+            ) -> tuple[dict[str, list[EvalResult]], list[str], dict[str, list[dict]]]:
     """label -> one test result per seed (one for popularity), every one on the same users and candidates in the
-    same order; and the labels left out because a seed's run (or source adapter) has not finished, which
-    `finished_only` allows."""
-    base = prepare(study.base)
-    out: dict[str, list[EvalResult]] = {}
-    missing: list[str] = []
-    scores = study.out / "scores"
-    scores.mkdir(parents=True, exist_ok=True)
-    domain = load_domain(Path(base.data.data_dir) / base.target)
-    scored = {"scored": scored_digest(eval_examples(domain, "test", base)),
-              "data": domain_digest(Path(base.data.data_dir) / base.target)}
-    prompts = {"history_len": base.data.history_len, "title_tokens": base.data.title_tokens}
-    out["popularity"] = [_cached(scores / "popularity.npz", scored, lambda: evaluate_popularity(base)[0])]
+    same order, and the evidence record of each; and the labels left out because a seed's run (or source adapter)
+    is neither in the evidence nor finished, which `finished_only` allows. What the evidence holds (the same run,
+    scored on the same users) is read from it; the rest is scored and its evidence written."""
+    expected = expected_evaluation(study)
+    prepared: dict[str, RunConfig] = {}
+
+    def base() -> RunConfig:  # what scoring needs (the data and the base model), checked once, when first needed
+        if "base" not in prepared:
+            prepared["base"] = prepare(study.base)
+        return prepared["base"]
+
     found: dict[str, list] = {}
-    for seed in study.seeds:
-        seeded = base.with_values({"train.seed": seed})
-        for source in base.sources:
-            cached = scores / f"source-{source}-s{seed}.npz"
-            adapter = RunDir.of(source_config(seeded, source))
-            trained = adapter.finished()
-            expected = {**scored, "prompts": prompts, "weights": file_sha256(adapter.best) if trained else None}
-            found.setdefault(f"source:{source}", []).append(
-                _cached(cached, expected, lambda: evaluate_source(seeded, source, progress,
-                                                                  cached.with_suffix(".partial.npz"))[0])
-                if trained or not finished_only else None)
-    for label, config in study.runs():
-        config = prepare(config)
-        found.setdefault(label, []).append(
-            evaluate_run(base, RunDir.of(config), progress)[0]
-            if not finished_only or finished_results(config) is not None else None)
-    for label in [*(k for k in found if k.startswith("source:")), *study.labels()]:
-        results = found[label]
+    records: dict[str, list] = {}
+    for label, seed, config in study.scored():
+        held = evidence.read(study.evidence, label, seed)
+        if held is None or not held.holds(config, expected):
+            held = _score(study, label, seed, config, base, progress, finished_only)
+        found.setdefault(label, []).append(held.result() if held else None)
+        records.setdefault(label, []).append(held.record if held else None)
+    out, missing = {}, []
+    order = ["popularity", *(f"source:{s}" for s in study.sources), *study.labels()]
+    for label, results in sorted(found.items(), key=lambda item: order.index(item[0])):
         if None in results:
             missing.append(label)
         else:
@@ -158,7 +172,53 @@ def collect(study: Study, progress: bool = True,
         same_scored({f"{label} #{i}": r for label, results in out.items() for i, r in enumerate(results)})
     except MixedEvaluation as err:
         raise RuntimeError(f"the study's scores are not paired: {err}") from None
-    return out, missing
+    return out, missing, {label: records[label] for label in out}
+
+
+def _score(study: Study, label: str, seed: int | None, config: RunConfig | None, base, progress: bool,
+           finished_only: bool) -> evidence.Evidence | None:
+    """Score one method of the study and write its evidence; None where it cannot be scored yet (`finished_only`:
+    its run or source adapter has not finished)."""
+    if label == "popularity":
+        result = evaluate_popularity(base())[0]
+        return evidence.write(study.evidence, label, None, result, {"method": "popularity"})
+    prepared = prepare(replace(config, out=base().out))
+    run_dir = RunDir.of(prepared)
+    if label.startswith("source:"):
+        if not run_dir.finished():
+            if finished_only:
+                return None
+            raise UsageError(f"{label}: the source adapter {run_dir.best} has not finished")
+        seeded = base().with_values({"train.seed": seed})
+        source = label.split(":", 1)[1]
+        partial = run_dir.file(f"zero-shot-{base().target}.partial.npz")
+        result = evaluate_source(seeded, source, progress, partial)[0]
+        return evidence.write(study.evidence, label, seed, result, _run_record(run_dir, scored_only=True))
+    if finished_only and finished_results(prepared) is None:
+        return None
+    result = evaluate_run(base(), run_dir, progress)[0]
+    return evidence.write(study.evidence, label, seed, result, _run_record(run_dir))
+
+
+def _run_record(run_dir: RunDir, scored_only: bool = False) -> dict:
+    """What a study's evidence keeps of a run: its settings, what it was built on (by content), its weights'
+    digest, and (for a trained method) its parameters, timings and machine."""
+    config, results = run_dir.config(), run_dir.results()
+    inputs = run_dir.inputs()
+    record = {"method": "source" if scored_only else config.method, "fraction": config.fraction,
+              "settings": settings_of(config, (TRAINING,)),
+              "inputs": {"base": inputs["base"], "data": inputs["data"],
+                         "sources": [{"domain": s["domain"], "sha256": s["sha256"]} for s in inputs["sources"]]},
+              "weights": file_sha256(run_dir.best), "machine": results.get("machine")}
+    if not scored_only:
+        training = results["training"]
+        record.update({"parameters": {k: results["parameters"][k] for k in ("trainable", "target_lora_equivalent",
+                                                                            "ratio_to_target_lora")},
+                       "train_examples": training["train_examples"], "steps": training["steps"],
+                       "best_step": training["best_step"],
+                       "seconds": {"train": training["train_seconds"], "test": results["test_seconds"],
+                                   "all": results["seconds"]}})
+    return record
 
 
 def _per_user(results: list[EvalResult]) -> dict[str, np.ndarray]:
@@ -206,7 +266,8 @@ def _paired(method: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> 
     return {m: paired_difference(method[m], reference[m], seed=0) for m in ("hit@1", "mrr")}
 
 
-def build_report(study: Study, results: dict[str, list[EvalResult]], missing: list[str] = ()) -> dict:
+def build_report(study: Study, results: dict[str, list[EvalResult]], missing: list[str] = (),
+                 records: dict[str, list[dict]] | None = None) -> dict:
     per_user = {label: _per_user(r) for label, r in results.items()}
     rows = []
     for label, res in results.items():
@@ -235,17 +296,33 @@ def build_report(study: Study, results: dict[str, list[EvalResult]], missing: li
             "seeds": list(study.seeds), "reference": study.reference, "test_users": rows[0]["users"],
             "candidates": first.scores.shape[1], "eval_seed": base.data.eval_seed, "scored": first.identity["scored"],
             "rows": rows, "paired": paired, "same_fraction": same_fraction, "claims": claims, "missing": list(missing),
-            "parameters": _parameters(study)}
+            "parameters": _parameters(records or {}), "provenance": provenance(study, records or {})}
 
 
-def _parameters(study: Study) -> dict | None:
-    results = finished_results(prepare(replace(study.base.with_values({"train.seed": study.seeds[0]}),
-                                               method="xcross")))
-    if results is None:
+def _parameters(records: dict[str, list[dict]]) -> dict | None:
+    if not records.get("xcross@1"):
         return None
-    report = results["parameters"]
+    report = records["xcross@1"][0]["parameters"]
     return {"xcross_trainable": report["trainable"], "target_lora_equivalent": report["target_lora_equivalent"],
             "ratio": report["ratio_to_target_lora"]}
+
+
+def provenance(study: Study, records: dict[str, list[dict]]) -> dict:
+    """Where the evidence comes from: the machines, torch versions and dtypes that computed it, and per seed whether
+    every run built on source adapters was built on the very adapters scored zero-shot (their sha256, recorded in
+    the evidence: a source trained again elsewhere is another file, even where its metrics are the same)."""
+    machines = sorted({json.dumps({k: (r.get("machine") or {}).get(k) for k in ("processor", "torch", "dtype")},
+                                  sort_keys=True) for rs in records.values() for r in rs if r.get("machine")})
+    seeds = {}
+    for i, seed in enumerate(study.seeds):
+        zero_shot = {label.split(":", 1)[1]: rs[i]["weights"] for label, rs in records.items()
+                     if label.startswith("source:")}
+        built = {label: [s["sha256"] for s in rs[i]["inputs"]["sources"]] for label, rs in records.items()
+                 if not label.startswith(("source:", "popularity")) and rs[i]["inputs"]["sources"]}
+        same = all(sha == zero_shot.get(d) for label, shas in built.items()
+                   for d, sha in zip(study.sources, shas))
+        seeds[str(seed)] = {"runs_built_on_the_zero_shot_adapters": same}
+    return {"machines": [json.loads(m) for m in machines], "seeds": seeds}
 
 
 NOT_MEASURED = "not yet measured"
@@ -319,11 +396,12 @@ def format_markdown(report: dict) -> str:
     if report.get("missing"):
         lines += [f"**Partial report**: not finished yet: {', '.join(report['missing'])}. Run the study command "
                   "without --report-only to train them.", ""]
-    lines += ["| method | Hit@1 | MRR | Hit@1 per seed |", "|---|---|---|---|"]
+    lines += ["| method | Hit@1 | MRR | Hit@1 per seed | sd over seeds |", "|---|---|---|---|---|"]
     for r in report["rows"]:
         cells = [f"{r[m]['mean']:.3f} [{r[m]['low']:.3f}, {r[m]['high']:.3f}]" for m in ("hit@1", "mrr")]
+        spread = f"{r['hit@1_seed_sd']:.3f}" if r["seeds"] > 1 else "–"
         lines.append(f"| {r['method']} | {cells[0]} | {cells[1]} | "
-                     f"{', '.join(f'{v:.3f}' for v in r['hit@1_per_seed'])} |")
+                     f"{', '.join(f'{v:.3f}' for v in r['hit@1_per_seed'])} | {spread} |")
     lines += ["", f"Paired differences against {report['reference']} (same users; paired bootstrap 95% interval, "
               "sign-flip test p):", "", "| method | ΔHit@1 | p | ΔMRR | p |", "|---|---|---|---|---|"]
     for p in report["paired"]:
@@ -349,6 +427,17 @@ def format_markdown(report: dict) -> str:
                 lines.append(f"  - X-Cross at {name} of the users (Hit@1 {e['xcross_hit@1']:.3f}): LoRA needs "
                              f"{needed[0]} [{needed[1]}, {needed[2]}] of them "
                              f"(never within the measured range in {e['never_reached_share']:.0%} of resamples)")
+    if origin := report.get("provenance"):
+        lines += ["", "## Evidence", "", "One file per method and seed in `evidence/` (each user's outcome and the run's "
+                  "identity); `xcross-study --report-only --study-dir <this directory>` rebuilds this report from "
+                  "them alone. Computed on: " + "; ".join(
+                      f"{m['processor']}, torch {m['torch']}, {m['dtype']}" for m in origin["machines"]) + "."]
+        same = [seed for seed, s in origin["seeds"].items() if s["runs_built_on_the_zero_shot_adapters"]]
+        other = [seed for seed in origin["seeds"] if seed not in same]
+        lines.append(f"Every run built on source adapters was built on the adapters scored zero-shot: seeds "
+                     f"{', '.join(same) or 'none'}" + (f"; not for seeds {', '.join(other)} (their sources were "
+                                                         "trained again, see the evidence's sha256)" if other else "")
+                     + ".")
     return "\n".join(lines) + "\n"
 
 

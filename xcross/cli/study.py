@@ -1,6 +1,8 @@
 """Run the study that decides the paper's claims on one arrangement: sources, LoRA and X-Cross at every fraction,
-merge and ensemble, for every seed, evaluated on the same test users; writes report.md/json and curve.png under
-<out>/<target>/study/. Resumable: run the same command again after an interruption."""
+merge and ensemble, for every seed, evaluated on the same test users; writes report.md/json, curve.png and the
+evidence (one small JSON file per scored method and seed) under <out>/<target>/study/ (or --study-dir).
+Resumable: run the same command again after an interruption. What the evidence holds is never trained again, so a
+study continues on another machine from committed evidence, and --report-only rebuilds the report from it alone."""
 
 from __future__ import annotations
 
@@ -26,8 +28,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--reference", default="lora@1", help="the method every other is compared with, paired "
                                                              "(default lora@1: LoRA on every target user)")
     parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: write the report from the runs finished so far (a study still running "
-                             "elsewhere is left alone); claims that need a missing run are 'not yet measured'")
+                        help="train nothing: write the report from the evidence and the runs finished so far (a study "
+                             "still running elsewhere is left alone); claims that need a missing run are 'not yet "
+                             "measured'. With evidence for everything it needs neither the data nor the base model")
+    parser.add_argument("--study-dir", metavar="DIR", default=None,
+                        help="where the report and its evidence are read and written (default <out>/<target>/study; "
+                             "e.g. docs/study/<target> to continue a committed study)")
     return parser
 
 
@@ -47,11 +53,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def job() -> int:
         config = config_from_args(args, method="xcross")
-        bootstrap(config)
-        study = Study(config, tuple(parse_fractions(args.fractions)), parse_seeds(args.seeds), args.reference)
+        study = Study(config, tuple(parse_fractions(args.fractions)), parse_seeds(args.seeds), args.reference,
+                      args.study_dir)
+        if not args.report_only:
+            bootstrap(config)
         report = run_study(study, progress=not args.quiet, report_only=args.report_only)
         print(format_markdown(report))
-        print(f"wrote {study.out}/report.md, report.json, curve.png")
+        print(f"wrote {study.out}/report.md, report.json, curve.png and evidence/ ({len(list(study.evidence.glob('*.json')))} "
+              "files)")
         return 0
 
     try:
