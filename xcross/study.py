@@ -110,20 +110,38 @@ def run_study(study: Study, progress: bool = True, report_only: bool = False) ->
     needs one of them is "not yet measured"."""
     study.check()
     if not report_only:
-        expected = expected_evaluation(study)
+        expected, base = expected_evaluation(study), _prepared(study)
+        scored = {(label, seed): config for label, seed, config in study.scored()}
         for label, config in study.runs():
-            held = evidence.read(study.evidence, label, config.train.seed)
+            seed = config.train.seed
+            held = evidence.read(study.evidence, label, seed)
             if held is not None and held.holds(config, expected):
                 continue
             config = prepare(config)
-            if finished_results(config) is not None:
-                continue
-            print(f"study: training {label} (seed {config.train.seed}) into {RunDir.of(config).path}")
-            run(config, resume=True, progress=progress)
+            if finished_results(config) is None:
+                print(f"study: training {label} (seed {seed}) into {RunDir.of(config).path}")
+                run(config, resume=True, progress=progress)
+            # its evidence at once (and its seed's zero-shots once their adapters exist): what a machine lost
+            # after this point does not take the run with it
+            for (other, other_seed), other_config in scored.items():
+                if other == label and other_seed == seed or (other.startswith("source:") and other_seed == seed):
+                    _held_or_scored(study, other, other_seed, other_config, expected, base, progress,
+                                    finished_only=True)
     results, missing, records = collect(study, progress, finished_only=report_only)
     report = build_report(study, results, missing, records)
     write_report(study, report)
     return report
+
+
+def _prepared(study: Study):
+    """The study's base settings checked against the data and model (what scoring needs), once, when first asked."""
+    prepared: dict[str, RunConfig] = {}
+
+    def base() -> RunConfig:
+        if "base" not in prepared:
+            prepared["base"] = prepare(study.base)
+        return prepared["base"]
+    return base
 
 
 def expected_evaluation(study: Study) -> dict:
@@ -146,19 +164,11 @@ def collect(study: Study, progress: bool = True, finished_only: bool = False
     is neither in the evidence nor finished, which `finished_only` allows. What the evidence holds (the same run,
     scored on the same users) is read from it; the rest is scored and its evidence written."""
     expected = expected_evaluation(study)
-    prepared: dict[str, RunConfig] = {}
-
-    def base() -> RunConfig:  # what scoring needs (the data and the base model), checked once, when first needed
-        if "base" not in prepared:
-            prepared["base"] = prepare(study.base)
-        return prepared["base"]
-
+    base = _prepared(study)
     found: dict[str, list] = {}
     records: dict[str, list] = {}
     for label, seed, config in study.scored():
-        held = evidence.read(study.evidence, label, seed)
-        if held is None or not held.holds(config, expected):
-            held = _score(study, label, seed, config, base, progress, finished_only)
+        held = _held_or_scored(study, label, seed, config, expected, base, progress, finished_only)
         found.setdefault(label, []).append(held.result() if held else None)
         records.setdefault(label, []).append(held.record if held else None)
     out, missing = {}, []
@@ -173,6 +183,15 @@ def collect(study: Study, progress: bool = True, finished_only: bool = False
     except MixedEvaluation as err:
         raise RuntimeError(f"the study's scores are not paired: {err}") from None
     return out, missing, {label: records[label] for label in out}
+
+
+def _held_or_scored(study: Study, label: str, seed: int | None, config: RunConfig | None, expected: dict, base,
+                    progress: bool, finished_only: bool) -> evidence.Evidence | None:
+    """The evidence of one scored method: as held, or scored now and written (`_score`)."""
+    held = evidence.read(study.evidence, label, seed)
+    if held is not None and held.holds(config, expected):
+        return held
+    return _score(study, label, seed, config, base, progress, finished_only)
 
 
 def _score(study: Study, label: str, seed: int | None, config: RunConfig | None, base, progress: bool,
