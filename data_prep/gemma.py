@@ -21,6 +21,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokeniz
 from tokenizers.models import BPE
 
 from data_prep.outputs import replace_refusal
+from xcross.errors import UsageError, run_command
 from xcross.files import atomic_directory, exclusive, file_sha256, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
@@ -332,13 +333,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    try:
-        out_dir = convert(args.out, args.gguf, args.force)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"model directory: {out_dir} ({time.perf_counter() - start:.1f} s)")
-    return 0
+
+    def job() -> int:
+        try:
+            out_dir = convert(args.out, args.gguf, args.force)
+        except ConversionError as error:
+            raise UsageError(str(error)) from None
+        print(f"model directory: {out_dir} ({time.perf_counter() - start:.1f} s)")
+        return 0
+
+    return run_command(job)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import html
 import json
 import math
 import re
-import sys
 import zlib
 from array import array
 from collections import Counter
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from data_prep.outputs import replace_refusal
 from xcross.data import TooFewItems, sample_candidates
+from xcross.errors import UsageError, run_command
 from xcross.files import atomic_directory, file_sha256, remove_stale_temporaries
 
 FORMAT_VERSION = 1
@@ -59,7 +59,7 @@ TIME_HINT = "timestamps must be numbers, Unix time in seconds or milliseconds"
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-class DataError(Exception):
+class DataError(UsageError):
     """Bad input or an impossible request; the CLIs print it on one line and exit with code 2."""
 
 
@@ -523,15 +523,12 @@ def importer_parser(prog: str, description: str, inputs: dict[str, str]) -> argp
 
 
 def run_cli(job: Callable[[], list[tuple[dict, Path]]]) -> int:
-    """Run an import, print its report and return the exit code: 0, or 2 with a one-line message for bad input."""
-    try:
-        results = job()
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # an unreadable input, a full disk: the system's own words, on one line
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for meta, out_dir in results:
-        print(format_report(meta, out_dir))
-    return 0
+    """Run an import, print its report and return the exit code: 0, or a failure's one line and code as every
+    command gives them (`xcross.errors.run_command`: 2 for bad input, 1 for a fault of the machine)."""
+
+    def imported() -> int:
+        for meta, out_dir in job():
+            print(format_report(meta, out_dir))
+        return 0
+
+    return run_command(imported)

@@ -27,7 +27,8 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[Path], None]
     (0666 less the umask), not mkstemp's private 0600: results are read by other users of a shared machine."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temporaries(path)  # what a killed writer of this file left (SIGKILL runs no cleanup)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -112,10 +113,10 @@ def atomic_directory(dest: str | Path) -> Iterator[Path]:
     replace_path(tmp, dest)
 
 
-# The temporaries' names: `.NAME.tmp-PID` (atomic_directory's build) and `.NAME.old-PID` (replace_path's previous
-# version, deleted once the new one is in place).
+# The temporaries' names: `.NAME.tmp-PID` (atomic_directory's build), `.NAME.tmp-PID-RANDOM.tmp` (atomic_write's)
+# and `.NAME.old-PID` (replace_path's previous version, deleted once the new one is in place).
 def _temporary_pattern(name: str) -> re.Pattern:
-    return re.compile(rf"\.{re.escape(name)}\.(?:tmp|old)-(\d+)")
+    return re.compile(rf"\.{re.escape(name)}\.(?:tmp|old)-(\d+)(?:-[^/]*\.tmp)?")
 
 
 def remove_stale_temporaries(dest: Path) -> list[Path]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UsageError
 from .lora import DEFAULT_TARGETS, LoRAConfig
 from .methods import HEAD_INITS, TRAINED_METHODS, get_method
 from .runlog import LOGGERS
@@ -31,10 +32,6 @@ def default_model_dir() -> Path:
     (written by `xcross-prepare gemma`)."""
     env = os.environ.get("XCROSS_MODEL_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "xcross" / "models" / "gemma-3-270m"
-
-
-class UsageError(Exception):
-    """A request that cannot run as given; the CLIs print it on one line and exit with code 2."""
 
 
 @dataclass(frozen=True)

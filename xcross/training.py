@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .data import Batch, CandidateSampler, Example, PromptBuilder, collate, pack
 from .distributed import all_reduce_grads, barrier, dist_info, reduce
+from .errors import Failed, Terminated
 from .metrics import per_user_metrics, summarise
 from .runlog import RunLog
 from .files import atomic_write, replace_path
@@ -60,8 +61,10 @@ class TrainConfig:
         return asdict(self)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(Failed, RuntimeError):
     """The loss or a gradient became NaN/inf; the message names the step."""
+
+    prefix = "training diverged: "
 
 
 # -- data ------------------------------------------------------------------------------------------------------------
@@ -251,12 +254,8 @@ def coefficient_stats(batch: Batch, coefficients: list[Tensor]) -> list[dict]:
 # -- checkpoints -----------------------------------------------------------------------------------------------------
 
 
-class Interrupted(KeyboardInterrupt):
+class Interrupted(Terminated):
     """Training stopped on SIGINT or SIGTERM after saving a checkpoint; `signum` gives the exit code 128 + signum."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = int(signum)
 
 
 @dataclass

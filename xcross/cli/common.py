@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,9 +12,9 @@ import torch
 
 from ..distributed import barrier, dist_info, init_distributed
 from ..rundir import read_config
+from ..experiment import prepare
 from ..settings import (DEFAULT_DATA_DIR, SETTINGS, RunConfig, UsageError, available_domains, default_model_dir,
-                        help_text, resolve, resolve_device)
-from ..training import TrainingDiverged
+                        help_text, problems, resolve, resolve_device)
 
 def _parse_list(text: str) -> tuple[str, ...]:
     return tuple(t for t in text.split(",") if t)
@@ -96,13 +94,22 @@ def config_from_args(args: argparse.Namespace, method: str | None = None) -> Run
 
 def bootstrap(config: RunConfig) -> None:
     """Generate the demo world and convert the default weights where the config asks for them and they are
-    missing. Under torchrun the process group is joined first, so that only rank 0 writes them."""
-    init_distributed(resolve_device(config.model.device))
+    missing, once the request is known to be otherwise sound (nothing is generated for a request that is refused).
+    Under torchrun the process group is joined first, so that only rank 0 writes them."""
+    if found := problems(config):
+        raise UsageError("; ".join(found))
     data_dir = Path(config.data.data_dir)
     if not available_domains(data_dir):
         if data_dir.resolve() != Path(DEFAULT_DATA_DIR).resolve():
             raise UsageError(f"no processed domains in {data_dir}; build them with `xcross-prepare csv` / "
                              "`xcross-prepare amazon`, or omit --data-dir to use the demo world")
+        from data_prep.synthetic import DOMAINS
+        if unknown := [d for d in (config.target, *config.sources) if d not in DOMAINS]:
+            raise UsageError(f"unknown domain(s) {', '.join(unknown)}: the demo world ({data_dir}, generated on first "
+                             f"use) has {', '.join(DOMAINS)}; name your data with --data-dir")
+    resolve_device(config.model.device)
+    init_distributed(resolve_device(config.model.device))
+    if not available_domains(data_dir):
         if dist_info().main:
             from data_prep.synthetic import generate_world
             print(f"generating the demo world into {data_dir} ...")
@@ -118,22 +125,10 @@ def bootstrap(config: RunConfig) -> None:
         barrier()
 
 
-def run_command(job, interrupted: str | None = None) -> int:
-    """A command's exit code: `job()`'s, or 2 for a usage error (one line), 1 for a diverged training, 128 + the
-    signal's number for an interruption (SIGINT 130, SIGTERM 143), reported as `interrupted` says (default: what
-    the training loop said)."""
-    try:
-        return job()
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as err:
-        print(f"error: training diverged: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as err:
-        print(f"\ninterrupted: {interrupted or str(err) or 'stopped; rerun with --resume to continue'}",
-              file=sys.stderr)
-        return 128 + getattr(err, "signum", signal.SIGINT)
+def prepare_or_bootstrap(config: RunConfig) -> RunConfig:
+    """`bootstrap`, then the config prepared (`experiment.prepare`): what a command that trains or scores runs on."""
+    bootstrap(config)
+    return prepare(config)
 
 
 def finish_distributed() -> None:

@@ -15,7 +15,8 @@ from ..reporting import comparison_rows, format_table, plot_curve, scored_on, wr
 from ..rundir import RunDir
 from ..runtime import keep_freed_memory
 from ..settings import RunConfig, UsageError
-from .common import add_run_arguments, bootstrap, config_from_args
+from ..errors import run_command
+from .common import add_run_arguments, config_from_args, prepare_or_bootstrap
 
 CURVE_FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -100,28 +101,30 @@ def parse_fractions(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     args = build_parser().parse_args(argv)
-    try:
-        config = config_from_args(args, method="lora")  # a method without sources: the check needs one
-        bootstrap(config)
-        config = prepare(config)
-        target_dir = Path(config.out) / config.target
-        if args.curve and args.methods:
-            raise UsageError("--methods chooses the rows of a comparison; --curve trains and plots LoRA and X-Cross "
-                             "at each --fractions with the baselines: give one of them")
-        if args.curve:
-            rows = curve(config, parse_fractions(args.fractions), args.resume, not args.quiet)
-            write_rows(rows, target_dir / "curve")
-            if plot_curve(rows, target_dir / "curve.png", config.target):
-                print(f"wrote {target_dir / 'curve.png'}")
-            else:
-                print("matplotlib is not installed: no curve.png (pip install matplotlib)")
-            print(format_table([{**r, "method": f"{r['method']} f={r.get('fraction', '-')}"} for r in rows]))
-            return 0
-        methods = args.methods.split(",") if args.methods else default_methods(config)
-        entries = {m: evaluate_named(config, m, not args.quiet) for m in methods}
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    config = config_from_args(args, method="lora")  # a method without sources: the check needs one
+    config = prepare_or_bootstrap(config)
+    target_dir = Path(config.out) / config.target
+    if args.curve and args.methods:
+        raise UsageError("--methods chooses the rows of a comparison; --curve trains and plots LoRA and X-Cross "
+                         "at each --fractions with the baselines: give one of them")
+    if args.curve:
+        rows = curve(config, parse_fractions(args.fractions), args.resume, not args.quiet)
+        write_rows(rows, target_dir / "curve")
+        if plot_curve(rows, target_dir / "curve.png", config.target):
+            print(f"wrote {target_dir / 'curve.png'}")
+        else:
+            print("matplotlib is not installed: no curve.png (pip install matplotlib)")
+        print(format_table([{**r, "method": f"{r['method']} f={r.get('fraction', '-')}"} for r in rows]))
+        return 0
+    methods = args.methods.split(",") if args.methods else default_methods(config)
+    if not args.methods and methods == ["popularity"]:
+        print(f"no finished runs or source adapters under {target_dir.parent} for {config.target}: the table has "
+              "popularity only (train some with xcross-train, or point --out at your runs)")
+    entries = {m: evaluate_named(config, m, not args.quiet) for m in methods}
     rows = comparison_rows(entries, config.train.seed)
     print(f"test results on {config.target} ({scored_on(rows)}; mean [95% bootstrap interval]):")
     print(format_table(rows))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import run_command
 from ..inspection import inspect_run
 from ..settings import UsageError
 
@@ -26,13 +27,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.users < 1:
-            raise UsageError(f"--users must be a whole number >= 1 (got {args.users})")
-        written = inspect_run(args.run, args.out, args.users, args.device)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.users < 1:
+        raise UsageError(f"--users must be a whole number >= 1 (got {args.users})")
+    written = inspect_run(args.run, args.out, args.users, args.device)
     print(written[-1].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

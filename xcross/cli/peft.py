@@ -18,7 +18,7 @@ from ..methods import CHECKPOINT_FORMAT, build_model, get_method, load_trained, 
 from ..peft import HEAD_FILE, export_peft, read_peft_adapter
 from ..rundir import RunDir
 from ..settings import SETTINGS, RunConfig, UsageError, resolve
-from ..training import TrainingDiverged
+from ..errors import run_command
 from ..weights import load_decoder, load_tensors
 from .common import add_run_arguments, bootstrap, given_flags
 
@@ -86,6 +86,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "export":
             out = export(Path(args.adapter), Path(args.out_dir), args.base_name, args.model_dir)
@@ -93,12 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{', ' + HEAD_FILE if (out / HEAD_FILE).is_file() else ''})")
         else:
             print(import_(args))
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as err:
-        print(f"error: training diverged: {err}", file=sys.stderr)
-        return 1
+    except (ValueError, FileExistsError) as err:  # what the adapter readers and writers refuse: a bad request
+        raise UsageError(str(err)) from err
     return 0
 
 

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import load_domain
+from ..errors import run_command
 from ..files import atomic_write
 from ..recommender import Recommender
 from ..rundir import RunDir
@@ -143,20 +144,20 @@ def item_titles(args: argparse.Namespace, run_path: Path) -> dict[str, str] | No
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        source, dest = Path(args.input), Path(args.output)
-        if not source.is_file():
-            raise UsageError(f"--input {source}: no such file")
-        if args.top_k is not None and args.top_k < 1:
-            raise UsageError(f"--top-k must be a whole number >= 1 (got {args.top_k})")
-        if args.batch_size is not None and args.batch_size < 1:
-            raise UsageError(f"--batch-size must be a whole number >= 1 (got {args.batch_size})")
-        titles = item_titles(args, Path(args.run))
-        rec = Recommender.from_run(args.run, args.device, getattr(torch, args.dtype), args.batch_size)
-        ranked, bad = rank_file(rec, source, dest, titles, args.top_k, args.strict, not args.quiet)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    source, dest = Path(args.input), Path(args.output)
+    if not source.is_file():
+        raise UsageError(f"--input {source}: no such file")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k must be a whole number >= 1 (got {args.top_k})")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be a whole number >= 1 (got {args.batch_size})")
+    titles = item_titles(args, Path(args.run))
+    rec = Recommender.from_run(args.run, args.device, getattr(torch, args.dtype), args.batch_size)
+    ranked, bad = rank_file(rec, source, dest, titles, args.top_k, args.strict, not args.quiet)
     print(f"ranked {ranked} users of {source} into {dest}")
     if bad:
         named = "; ".join(f"line {n}: {why}" for n, why in bad[:SHOWN])

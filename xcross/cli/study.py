@@ -12,7 +12,8 @@ import sys
 from ..runtime import keep_freed_memory
 from ..settings import UsageError
 from ..study import FRACTIONS, Study, format_markdown, run_study
-from .common import add_run_arguments, bootstrap, config_from_args, finish_distributed, run_command
+from ..errors import run_command
+from .common import add_run_arguments, bootstrap, config_from_args, finish_distributed
 from .evaluate import parse_fractions
 
 

@@ -13,7 +13,8 @@ from ..rundir import RunDir
 from ..runtime import keep_freed_memory
 from ..settings import PRESETS
 from ..training import EvalResult
-from .common import add_run_arguments, bootstrap, config_from_args, finish_distributed, run_command
+from ..errors import run_command
+from .common import add_run_arguments, bootstrap, config_from_args, finish_distributed
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
