@@ -26,6 +26,7 @@ from data_prep.pipeline import (
     prepare_destination,
     prepare_domain,
     read_lines,
+    require_different_files,
     require_files,
     require_records,
     run_cli,
@@ -54,18 +55,34 @@ RELEASES = {
 }
 
 
-def parse_record(text: str, literal: bool) -> dict | None:
-    """A dict from a JSON line (or a Python literal line where allowed); None for anything else."""
+# A reviewer's id, by its name in each release: every review has one, and no metadata record of any release does.
+REVIEWER_FIELDS = frozenset({"reviewerID", "user_id"})
+# The first records of a file that tell a reviews file from a metadata file: enough that one stray record does not
+# decide, few enough to read before the long read of a category's files.
+ROLE_SAMPLE = 100
+
+
+def parse_record(text: str, literal: bool) -> tuple[dict | None, str | None]:
+    """(a dict, None) from a JSON line (or a Python literal line where allowed); (None, why) for anything else.
+
+    A line nested deeper than the parsers recurse ("[" * 100000) is malformed like any other: json and ast raise
+    RecursionError (or, in ast's parser, MemoryError) for it, which must not end the import.
+    """
+    not_object = "not a JSON object" + " or Python literal" * literal
     try:
         record = json.loads(text)
+    except RecursionError:  # over a thousand levels deep: ast refuses 200 nested brackets, so trying it is futile
+        return None, "nested too deeply to parse"
     except ValueError:
         if not literal:
-            return None
+            return None, not_object
         try:
             record = ast.literal_eval(text)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            return None
-    return record if isinstance(record, dict) else None
+        except (RecursionError, MemoryError):
+            return None, "nested too deeply to parse"
+        except (ValueError, TypeError, SyntaxError):
+            return None, not_object
+    return (record, None) if isinstance(record, dict) else (None, not_object)
 
 
 def first_line(path: Path, what: str) -> str:
@@ -78,12 +95,55 @@ def first_line(path: Path, what: str) -> str:
 
 def detect_release(reviews: Path, meta: Path) -> str:
     """The release from the first records: 2023 names its fields user_id/parent_asin; 2014 metadata is no JSON."""
-    review = parse_record(first_line(reviews, "reviews"), literal=True)
+    review, _ = parse_record(first_line(reviews, "reviews"), literal=True)
     if review is not None and "parent_asin" in review:
         return "2023"
     if review is not None and "reviewerID" in review:
-        return "2018" if parse_record(first_line(meta, "metadata"), literal=False) is not None else "2014"
+        return "2018" if parse_record(first_line(meta, "metadata"), literal=False)[0] is not None else "2014"
     raise DataError(f"cannot tell the release of {reviews} from its first record; pass --format 2014, 2018 or 2023")
+
+
+def first_records(path: Path) -> list[dict]:
+    """The records (JSON or Python literals) among the first ROLE_SAMPLE non-blank lines of a file; lines that do not
+    parse are left out."""
+    records, lines = [], 0
+    for _, text in read_lines(path, Tally(), progress=False):
+        if not text.strip():
+            continue
+        record, _ = parse_record(text, literal=True)
+        if record is not None:
+            records.append(record)
+        lines += 1
+        if lines == ROLE_SAMPLE:
+            break
+    return records
+
+
+def check_roles(reviews: Path, meta: Path) -> None:
+    """Refuse a reviews file given as --meta (a 2023 review has a parent_asin and a title: every item would be titled
+    by a review) and a metadata file given as --reviews, told apart by the first ROLE_SAMPLE records of each.
+
+    --meta is a reviews file when every one of those records that parses names a reviewer (a field in
+    REVIEWER_FIELDS); --reviews is a metadata file when none of them names a reviewer and some have a title. A file
+    with no record that parses decides nothing, and a stray record of the other kind is read like any other.
+    """
+    meta_sample, review_sample = first_records(meta), first_records(reviews)
+    reviewers = sorted({field for record in meta_sample for field in REVIEWER_FIELDS & record.keys()})
+    meta_holds_reviews = bool(meta_sample) and all(REVIEWER_FIELDS & record.keys() for record in meta_sample)
+    titled = sum("title" in record for record in review_sample)
+    reviews_hold_items = titled > 0 and not any(REVIEWER_FIELDS & record.keys() for record in review_sample)
+    if meta_holds_reviews and reviews_hold_items:
+        raise DataError(f"the inputs look swapped: --reviews {reviews} holds item metadata and --meta {meta} holds "
+                        f"reviews (each names a reviewer in {' or '.join(map(repr, reviewers))}); "
+                        f"pass --reviews {meta} --meta {reviews}")
+    if meta_holds_reviews:
+        raise DataError(f"{meta}: given as --meta, it looks like a reviews file, not item metadata: each of its first "
+                        f"{len(meta_sample)} records names a reviewer ({' or '.join(map(repr, reviewers))}), which "
+                        "no metadata record does; pass the category's metadata file as --meta")
+    if reviews_hold_items:
+        raise DataError(f"{reviews}: given as --reviews, it looks like an item metadata file, not reviews: none of its "
+                        f"first {len(review_sample)} records names a reviewer and {titled} have a title; pass the "
+                        "category's reviews file as --reviews")
 
 
 def read_reviews(path: Path, release: Release, raw: RawDomain) -> None:
@@ -93,9 +153,9 @@ def read_reviews(path: Path, release: Release, raw: RawDomain) -> None:
             continue
         raw.interaction_records += 1
         where = f"{path.name}:{lineno}"
-        record = parse_record(text, release.literal)
+        record, why = parse_record(text, release.literal)
         if record is None:
-            tally.problem("malformed_lines", where, "not a JSON object")
+            tally.problem("malformed_lines", where, why)
             continue
         user = string_field(record, release.user, tally, where)
         if user is None:
@@ -116,9 +176,9 @@ def read_metadata(path: Path, release: Release, raw: RawDomain) -> None:
             continue
         raw.item_records += 1
         where = f"{path.name}:{lineno}"
-        record = parse_record(text, release.literal)
+        record, why = parse_record(text, release.literal)
         if record is None:
-            tally.problem("malformed_lines", where, "not a JSON object" + (" or Python literal" * release.literal))
+            tally.problem("malformed_lines", where, why)
             continue
         item = string_field(record, release.meta_item, tally, where)
         if item is not None:
@@ -141,7 +201,9 @@ def import_amazon(
     """
     reviews, meta, out_dir = Path(reviews), Path(meta), Path(out_dir)
     require_files(reviews, meta)
+    require_different_files(("--reviews", reviews), ("--meta", meta))
     prepare_destination(out_dir, domain, (reviews, meta))
+    check_roles(reviews, meta)
     if release == "auto":
         release = detect_release(reviews, meta)
     if release not in RELEASES:

@@ -129,6 +129,16 @@ def require_files(*paths: Path) -> None:
             raise DataError(f"input file not found: {path}; check the path")
 
 
+def require_different_files(first: tuple[str, Path], second: tuple[str, Path]) -> None:
+    """Refuse one file given as both inputs, each a (flag, path) pair, however it is named (another spelling, a hard
+    link, a symlink): read as both kinds, its records would pass for the other kind's, a review's title for an
+    item's."""
+    (first_flag, first_path), (second_flag, second_path) = first, second
+    if Path(first_path).samefile(second_path):
+        raise DataError(f"{first_flag} {first_path} and {second_flag} {second_path} are the same file; "
+                        f"give {second_flag} its own file")
+
+
 def read_lines(path: Path, tally: Tally, progress: bool = True, header: bool = False) -> Iterator[tuple[int, str]]:
     """Yield (line number, text) from a plain or gzipped file, streamed; gzip is detected by its magic bytes.
 

@@ -28,6 +28,7 @@ from data_prep.pipeline import (
     prepare_destination,
     prepare_domain,
     read_lines,
+    require_different_files,
     require_files,
     require_records,
     run_cli,
@@ -92,7 +93,7 @@ def csv_rows(path: Path, columns: tuple[str, ...], tally: Tally,
     """Yield ("file:line", [values of `columns`]) for each non-blank row, None in place of the values of a bad row
     (already counted).
 
-    The header must name every column in `columns` (in any order; extra columns are ignored).
+    The header must name every column in `columns` once (in any order; extra columns are ignored, repeated or not).
     """
     csv.field_size_limit(max(csv.field_size_limit(), FIELD_SIZE_LIMIT))
     records = csv_records(path, tally, max_lines)
@@ -106,6 +107,12 @@ def csv_rows(path: Path, columns: tuple[str, ...], tally: Tally,
     missing = [name for name in columns if name not in header]
     if missing:
         raise DataError(f"{path}: the header {','.join(header)!r} lacks {missing}; expected {','.join(columns)}")
+    # Which of two same-named columns holds the values is anyone's guess; reading the first would be a silent pick.
+    for name in columns:
+        if header.count(name) > 1:
+            positions = " and ".join(str(i + 1) for i, other in enumerate(header) if other == name)
+            raise DataError(f"{path}: the header {','.join(header)!r} repeats the column {name!r} (columns "
+                            f"{positions}); keep one, so that it is clear which holds the values")
     picks = [header.index(name) for name in columns]
     for line, row, why in records:
         where = f"{path.name}:{line}"
@@ -167,6 +174,7 @@ def import_csv(
     """
     interactions, items, out_dir = Path(interactions), Path(items), Path(out_dir)
     require_files(interactions, items)
+    require_different_files(("--interactions", interactions), ("--items", items))
     prepare_destination(out_dir, domain, (interactions, items))
     raw = RawDomain(Tally(config.strict))
     read_interactions(interactions, raw)
