@@ -15,7 +15,8 @@ import torch
 from ..experiment import model_for, place, prepare, train_method
 from ..lora import ADAPTER_FORMAT, LoRAConfig
 from ..methods import CHECKPOINT_FORMAT, build_model, get_method, load_trained, save_adapter
-from ..peft import HEAD_FILE, export_peft, read_peft_adapter
+from ..peft import (HEAD_FILE, adapter_files, check_export_output, check_import_output, export_peft,
+                    read_peft_adapter, read_tensors)
 from ..rundir import RunDir
 from ..settings import SETTINGS, RunConfig, UsageError, resolve
 from ..errors import run_command
@@ -50,8 +51,10 @@ OUT_DIR gets adapter_config.json and adapter_model.safetensors, which PEFT loads
 the same base (`peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), OUT_DIR)`), and
 {HEAD_FILE}, the scoring head: keys dense.weight (d, d), dense.bias (d), out.weight (1, d), out.bias (1);
 score = out.weight @ tanh(dense.weight @ h + dense.bias) + out.bias, h the final-normed hidden state (transformers'
-hidden_states[-1]) at a candidate's last token. OUT_DIR is written whole or not at all (a PEFT directory there
-is replaced; any other non-empty directory is refused)."""
+hidden_states[-1]) at a candidate's last token. OUT_DIR may be new, empty or a PEFT adapter directory (any other
+non-empty directory is refused): only these three files are written there, each replaced whole once all are
+written; its other files (the README.md model card PEFT writes, anything else) are kept. OUT_DIR must not be, or
+hold, an input of the export."""
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -107,22 +110,30 @@ def export(adapter: Path, out_dir: Path, base_name: str | None, model_dir: str |
     best = adapter / "best.safetensors" if adapter.is_dir() else adapter
     if not best.is_file():
         raise UsageError(f"{adapter}: no adapter file (nor a run directory with best.safetensors)")
-    meta = load_tensors(best)[1]
+    check_export_output(out_dir, [best])
+    trained, meta = read_tensors(best)
     if meta.get("format") == ADAPTER_FORMAT:
         return export_peft(best, out_dir, base_name)
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("method") != "merge":
         raise UsageError(f"{best} is a {meta.get('method') or meta.get('format')!r} checkpoint: only adapter files "
                          "and LoRA/merge runs have one LoRA adapter (export an X-Cross run's sources instead)")
+    # A merge run is rebuilt from its sources: none may be written over either, and the base is loaded only once
+    # the output is known to be writable.
+    check_export_output(out_dir, [best, best.parent / "config.json",
+                                  *(f for p in meta["adapters"] for f in adapter_files(p))])
     config = RunConfig.from_dict(json.loads((best.parent / "config.json").read_text()))
     decoder = load_decoder(model_dir or config.model.model_dir)
     model = model_for(config, decoder, [Path(p) for p in meta["adapters"]])
-    load_trained(model, load_tensors(best)[0])
+    load_trained(model, trained)
     return export_peft(model, out_dir, base_name)
 
 
 def import_(args: argparse.Namespace) -> str:
     """`xcross-peft import`: check the adapter against the base, give it a head (kept, fresh or trained), write it."""
     peft_dir, out_file = Path(args.peft_dir), Path(args.out_file)
+    model_dir = Path(args.model_dir).expanduser()
+    # Before any work: the output may not be (a link to) the adapter's files or the base's, all of which are read.
+    check_import_output(out_file, [*adapter_files(peft_dir), *(model_dir.iterdir() if model_dir.is_dir() else ())])
     _, head, meta = read_peft_adapter(peft_dir, args.model_dir)  # refuses settings and another base's name
     keep = bool(head) and args.head == "keep"
     head_init = "sources" if keep else "fresh"
