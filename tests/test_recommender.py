@@ -1,25 +1,32 @@
-"""Using a trained run: Recommender.from_run of every method reproduces the scores evaluation stored for it,
-xcross-rank's output does too (malformed lines counted, --strict refusing), and xcross-inspect plots what a run has."""
+"""Using a trained run: Recommender.from_run of every method reproduces the scores evaluation stored for it, and
+scores a user's many candidates in bounded sequences with the same scores; xcross-rank's output does too (malformed
+lines counted, --strict refusing), it never writes over its input, reads what a user's editor writes, stops cleanly
+and finds a run's data from anywhere; and xcross-inspect plots what a run has."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from tests.pipeline_fixtures import common_flags, make_model_dir, make_world, one_thread_fixture, read_jsonl
+from tests.pipeline_fixtures import (REPO, cli_env, common_flags, interrupt_when, make_model_dir, make_world,
+                                     one_thread_fixture, read_jsonl, world_titles)
 from xcross.cli import inspect as inspect_cli
 from xcross.cli import rank as rank_cli
 from xcross.cli import train as train_cli
-from xcross.data import load_domain
+from xcross.data import collate_unpacked, load_domain
 from xcross.experiment import eval_examples
 from xcross.inspection import inspect_run
-from xcross.recommender import Recommender
+from xcross.recommender import TOKENS_PER_SEQUENCE, Recommender
 from xcross.settings import RunConfig, UsageError
 
 TARGET = "toys"
@@ -120,6 +127,52 @@ def test_from_run_names_a_damaged_base(setup, tmp_path):
         Recommender.from_run(copy)
 
 
+def many_titles(setup, count: int) -> list[str]:
+    """`count` distinct titles: the world's, then the same with a number appended."""
+    titles = world_titles(setup["world"])
+    return [t if k == 0 else f"{t} {k}" for k in range(-(-count // len(titles))) for t in titles][:count]
+
+
+def test_many_candidates_are_scored_in_bounded_sequences(setup):
+    """300 candidates behind one history go in sequences of at most `max_candidates` (each within
+    TOKENS_PER_SEQUENCE tokens) with the scores of one sequence holding them all, and of each candidate alone after
+    the history (the brute-force reference); users with few and many candidates mix in one call."""
+    rec = Recommender.from_run(run_dir(setup, "xcross"))
+    titles = many_titles(setup, 300)
+    users = [(titles[:5], titles), (titles[10:12], titles[:7]), (titles[20:26], titles[::-1])]
+    assert 7 < rec.max_candidates < 300
+    assert rec.builder.max_length(rec.max_candidates) <= TOKENS_PER_SEQUENCE < rec.builder.max_length(300)
+
+    def scores_and_longest(max_candidates: int) -> tuple[list[np.ndarray], int, int]:
+        rec.max_candidates = max_candidates
+        batches = [batch for _, batch in rec.packed_batches(users)]
+        scores = [np.array(row) for row in rec.score_batch(users)]
+        return scores, max(b.input_ids.shape[1] for b in batches), max(b.last_index.shape[1] for b in batches)
+
+    default = rec.max_candidates
+    chunked, longest, most = scores_and_longest(default)
+    assert longest <= TOKENS_PER_SEQUENCE and most == default
+    small, longest_small, most_small = scores_and_longest(64)  # 4 × 64 + 44 for the long users: 11 sequences
+    assert most_small == 64 and longest_small < longest
+    whole, longest_whole, most_whole = scores_and_longest(10**6)  # the former packing: a user is one sequence
+    assert most_whole == 300 and longest_whole > TOKENS_PER_SEQUENCE
+
+    with torch.no_grad():
+        prefix, candidates = rec.builder.prefix_of_titles(users[0][0]), rec.builder.candidates_of_titles(titles)
+        alone = rec.model.score(collate_unpacked(prefix, candidates, rec.builder.tokenizer.pad_id)).reshape(-1)
+    np.testing.assert_allclose(whole[0], alone.numpy(), atol=1e-5, rtol=0)
+    for user, (_, cands) in enumerate(users):
+        assert len(chunked[user]) == len(small[user]) == len(cands)
+        np.testing.assert_allclose(chunked[user], whole[user], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(small[user], whole[user], atol=1e-5, rtol=0)
+    # `rank` of one user: every candidate back once, best first, with its score (alone in its batches: other
+    # padding, so equal up to rounding).
+    rec.max_candidates = default
+    ranked = dict(rec.rank(*users[0]))
+    assert list(ranked.values()) == sorted(ranked.values(), reverse=True) and sorted(ranked) == sorted(titles)
+    np.testing.assert_allclose([ranked[t] for t in titles], chunked[0], atol=1e-5, rtol=0)
+
+
 # -- xcross-rank -----------------------------------------------------------------------------------------------------
 
 
@@ -180,6 +233,179 @@ def test_rank_command_takes_titles(setup, tmp_path, capsys):
     assert [r["score"] for r in row["ranked"]] == sorted(stored[0].tolist(), reverse=True)
     assert rank_cli.main([*args, "--domain", TARGET]) == 2
     assert "need --ids" in capsys.readouterr().err
+
+
+def users_file(setup, path: Path, users: int = 1, candidates: int = 20) -> Path:
+    """`users` lines of titles (a history of 3, `candidates` candidates), the ranking input of the tests below."""
+    titles = many_titles(setup, candidates + 3)
+    path.write_text("".join(json.dumps({"user_id": f"u{u}", "history": titles[:3], "candidates": titles[3:]}) + "\n"
+                            for u in range(users)))
+    return path
+
+
+def error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_rank_never_writes_over_its_input(setup, tmp_path, capsys, monkeypatch):
+    """--output naming the input by any spelling, a hard link or a symlink, or naming a directory, is refused
+    before the model is loaded; the input is left as it was."""
+    source = users_file(setup, tmp_path / "users.jsonl")
+    before = source.read_bytes()
+    os.link(source, tmp_path / "hard.jsonl")
+    (tmp_path / "soft.jsonl").symlink_to(source)
+    (tmp_path / "out").mkdir()
+
+    def no_model(*args, **kwargs):
+        pytest.fail("the model was loaded for a request that is refused")  # not an Exception: run_command passes it
+
+    monkeypatch.setattr(Recommender, "from_run", no_model)
+    monkeypatch.chdir(tmp_path)
+    run = str(run_dir(setup, "lora"))
+    for output in (str(source), "users.jsonl", "./users.jsonl", f"../{tmp_path.name}/users.jsonl", "hard.jsonl",
+                   "soft.jsonl", str(tmp_path / "soft.jsonl")):
+        assert rank_cli.main(["--run", run, "--input", "users.jsonl", "--output", output, "--quiet"]) == 2, output
+        assert f"--output {Path(output)} is the input users.jsonl;" in error_line(capsys.readouterr().err)
+        assert source.read_bytes() == before
+    for output in ("out", str(tmp_path / "out"), "out/"):
+        assert rank_cli.main(["--run", run, "--input", str(source), "--output", output, "--quiet"]) == 2
+        assert "is a directory; name the file to write" in error_line(capsys.readouterr().err)
+        assert list((tmp_path / "out").iterdir()) == []
+    assert rank_cli.main(["--run", run, "--input", str(tmp_path / "out"), "--output", "o.jsonl", "--quiet"]) == 2
+    assert "a directory, not a file" in error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.jsonl", "out", "soft.jsonl", "users.jsonl"]
+
+
+def strict_json(text: str):
+    """JSON as the standard has it: NaN and Infinity refused (Python's json accepts them)."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_rank_reads_what_editors_write_and_names_what_it_cannot(setup, tmp_path, capsys, monkeypatch):
+    """A byte order mark before the first user is skipped; a line with a byte that is not UTF-8, a user_id that
+    is NaN or infinite, or a title with a lone surrogate escape is a malformed line like any other, named, and the
+    output is strict JSON. A model that scores NaN stops the command with one line and writes nothing."""
+    domain, users, stored = stored_test_users(setup, "lora")
+    e = users[0]
+    history, candidates = [domain.items[i] for i in e.history], [domain.items[c] for c in e.candidates]
+    good = json.dumps({"user_id": "first", "history": history, "candidates": candidates}).encode()
+    bad_byte = json.dumps({"history": history, "candidates": candidates}).encode().replace(b'["', b'["\xff', 1)
+    lines = [b"\xef\xbb\xbf" + good, bad_byte,
+             b'{"user_id": NaN, "history": ["a"], "candidates": ["b"]}',
+             b'{"user_id": -Infinity, "history": ["a"], "candidates": ["b"]}',
+             b'{"user_id": 1e400, "history": ["a"], "candidates": ["b"]}',
+             b'{"history": ["\\ud800 lonely"], "candidates": ["b"]}',
+             json.dumps({"user_id": 2.5, "history": history, "candidates": candidates}).encode()]
+    source = tmp_path / "users.jsonl"
+    source.write_bytes(b"\r\n".join(lines) + b"\r\n")  # as an editor on Windows saves it
+    output = tmp_path / "ranked.jsonl"
+    args = ["--run", str(run_dir(setup, "lora")), "--input", str(source), "--output", str(output), "--quiet"]
+    assert rank_cli.main(args) == 0
+    captured = capsys.readouterr()
+    assert f"ranked 2 users of {source}" in captured.out
+    column = bad_byte.index(b"\xff") + 1
+    for why in ("skipped 5 malformed line(s)", f"line 2: not UTF-8 text (byte 0xff at column {column})",
+                "line 3: 'user_id' must be a string, an integer or a finite number", "line 4: 'user_id' must be",
+                "line 5: 'user_id' must be",
+                "line 6: 'history' has a string that is not Unicode text (a lone surrogate escape)"):
+        assert why in captured.err
+    rows = [strict_json(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert [(r["line"], r["user_id"]) for r in rows] == [(1, "first"), (7, 2.5)]
+    for row in rows:
+        assert [r["score"] for r in row["ranked"]] == sorted(stored[0].tolist(), reverse=True)
+
+    assert rank_cli.main([*args, "--strict"]) == 2
+    assert f"{source} line 2: not UTF-8 text" in error_line(capsys.readouterr().err)
+
+    monkeypatch.setattr(Recommender, "score_batch", lambda self, users: [[float("nan")] * len(c) for _, c in users])
+    output.unlink()
+    assert rank_cli.main(args) == 1
+    assert f"scored a candidate of {source} line 1 NaN or infinite" in error_line(capsys.readouterr().err)
+    assert not output.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["users.jsonl"]
+
+
+def rank_command(setup, source: Path, output: Path, method: str = "lora") -> list[str]:
+    return [sys.executable, "-m", "xcross.cli.rank", "--run", str(run_dir(setup, method)), "--input", str(source),
+            "--output", str(output), "--quiet"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None,
+                    reason="running as root without setpriv to drop CAP_DAC_OVERRIDE")
+def test_rank_an_unreadable_input(setup, tmp_path):
+    source = users_file(setup, tmp_path / "users.jsonl")
+    source.chmod(0)
+    as_user = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    proc = subprocess.run([*as_user, *rank_command(setup, source, tmp_path / "out.jsonl")], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert error_line(proc.stderr) == f"error: {source}: Permission denied (choose a path you may use, or change its " \
+                                      "permissions)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users.jsonl"]
+
+
+def temporaries(output: Path) -> list[Path]:
+    """atomic_write's temporaries beside `output`: `.NAME.tmp-PID-RANDOM.tmp`."""
+    return sorted(output.parent.glob(f".{output.name}.tmp-*"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_rank_stops_cleanly_when_interrupted(setup, tmp_path, signum):
+    """Ctrl-C or SIGTERM while ranking: exit 128 + the signal, one line, the output untouched and no temporary
+    beside it."""
+    source = users_file(setup, tmp_path / "users.jsonl", users=2000, candidates=100)  # far from done when stopped
+    output = tmp_path / "ranked.jsonl"
+    output.write_text("an earlier ranking\n")
+    stopped = interrupt_when(rank_command(setup, source, output), lambda: bool(temporaries(output)), signum=signum)
+    assert stopped.returncode == 128 + signum, stopped.stderr
+    lines = [line for line in stopped.stderr.splitlines() if line.strip()]
+    assert lines == [f"interrupted: stopped before the ranking was complete; {output} was left as it was"], \
+        stopped.stderr
+    assert output.read_text() == "an earlier ranking\n" and temporaries(output) == []
+
+
+def test_rank_removes_what_a_killed_run_left(setup, tmp_path):
+    """SIGKILL runs no cleanup: the killed run's temporary stays beside the output until the next run removes it."""
+    source = users_file(setup, tmp_path / "users.jsonl", users=2000, candidates=100)
+    output = tmp_path / "ranked.jsonl"
+    killed = interrupt_when(rank_command(setup, source, output), lambda: bool(temporaries(output)),
+                            signum=signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert len(temporaries(output)) == 1 and not output.exists()
+    small = users_file(setup, tmp_path / "one.jsonl")
+    assert rank_cli.main(["--run", str(run_dir(setup, "lora")), "--input", str(small), "--output", str(output),
+                          "--quiet"]) == 0
+    assert temporaries(output) == [] and [r["user_id"] for r in read_jsonl(output)] == ["u0"]
+
+
+def test_rank_ids_from_another_directory(setup, tmp_path, capsys, monkeypatch):
+    """--ids from any working directory: a run records its data directory as an absolute path. One whose
+    config.json holds a relative path (as earlier versions wrote) is refused with a line asking for --data-dir,
+    even where that relative path happens to exist, rather than resolved against a guess."""
+    _, users, stored = stored_test_users(setup, "lora")
+    e = users[0]
+    (tmp_path / "users.jsonl").write_text(json.dumps({"history": e.history, "candidates": e.candidates}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    args = ["--input", "users.jsonl", "--output", "ranked.jsonl", "--ids", "--quiet"]
+    assert rank_cli.main(["--run", str(run_dir(setup, "lora")), *args]) == 0
+    (row,) = read_jsonl(tmp_path / "ranked.jsonl")
+    np.testing.assert_allclose([{r["item_id"]: r["score"] for r in row["ranked"]}[c] for c in e.candidates],
+                               stored[0], atol=1e-5, rtol=0)
+
+    copy = copy_run_onto(setup, "lora", tmp_path, setup["model"])
+    config = json.loads((copy / "config.json").read_text())
+    config["data"]["data_dir"] = "world"
+    (copy / "config.json").write_text(json.dumps(config))
+    shutil.copytree(setup["world"] / TARGET, tmp_path / "world" / TARGET)  # a "world" here, not known to be its
+    capsys.readouterr()
+    assert rank_cli.main(["--run", str(copy), *args]) == 2
+    assert error_line(capsys.readouterr().err) == (
+        f"error: --ids: {copy} names its data directory by the relative path 'world', and the directory it was "
+        "trained from is not recorded; pass --data-dir")
+    assert rank_cli.main(["--run", str(copy), *args, "--data-dir", str(setup["world"])]) == 0
 
 
 # -- xcross-inspect --------------------------------------------------------------------------------------------------
