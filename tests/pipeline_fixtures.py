@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -262,3 +263,27 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
         assert a[k].shape == b[k].shape, (k, a[k].shape, b[k].shape)
         worst = max(worst, (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0)
     return worst
+
+
+# -- trained runs shared by a module's tests -------------------------------------------------------------------------
+
+
+def train_runs(setup: dict, **flags) -> dict:
+    """An X-Cross run (with its two source LoRAs) and a target LoRA run of the tiny world, trained through
+    train.py: {"out": the runs directory, "flags": the flags that made them}."""
+    out = setup["root"] / "runs"
+    args = common_flags(setup["world"], setup["model"], out, **flags)
+    for method in ("xcross", "lora"):
+        proc = run_cli("train.py", [*args, "--method", method])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {"out": out, "flags": args}
+
+
+def copy_runs(trained: dict, tmp_path: Path) -> tuple[Path, list[str]]:
+    """`train_runs`' runs copied elsewhere, with the flags that point at the copy (a run is known by content: its
+    sources are found beside it)."""
+    out = tmp_path / "runs"
+    shutil.copytree(trained["out"], out)
+    flags = list(trained["flags"])
+    flags[flags.index("--out") + 1] = str(out)
+    return out, flags

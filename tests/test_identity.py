@@ -15,7 +15,7 @@ import pytest
 
 import evaluate as evaluate_cli
 import train as train_cli
-from tests.pipeline_fixtures import REPO, common_flags, interrupt_when, run_cli, tiny_module
+from tests.pipeline_fixtures import REPO, common_flags, copy_runs, interrupt_when, run_cli, tiny_module, train_runs
 from xcross.cli.common import config_from_args
 from xcross.cli.train import build_parser
 from xcross.methods import METHODS, TRAINED_METHODS
@@ -140,22 +140,7 @@ def test_a_config_json_whose_preset_was_edited_is_refused():
 
 @pytest.fixture(scope="module")
 def trained(setup):
-    """An X-Cross run (with its two source LoRAs) and a target LoRA run, 8 test users, 20 candidates."""
-    out = setup["root"] / "runs"
-    flags = common_flags(setup["world"], setup["model"], out, target=TARGET, **SMALL)
-    for method in ("xcross", "lora"):
-        proc = run_cli("train.py", [*flags, "--method", method])
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return {"out": out, "flags": flags}
-
-
-def copy_runs(trained, tmp_path) -> tuple[Path, list[str]]:
-    """The trained runs copied elsewhere (runs known by content: their sources are found beside them)."""
-    out = tmp_path / "runs"
-    shutil.copytree(trained["out"], out)
-    flags = list(trained["flags"])
-    flags[flags.index("--out") + 1] = str(out)
-    return out, flags
+    return train_runs(setup, target=TARGET, **SMALL)
 
 
 def test_evaluate_scores_every_row_on_the_users_and_candidates_asked(trained, tmp_path):

@@ -103,6 +103,11 @@ class CandidateSampler:
         self.index = index
         self.known = {u: np.array(sorted(s), dtype=np.int64) for u, s in known.items()}
 
+    def fewest_negatives(self, examples: list[Example]) -> int:
+        """The fewest items outside a user's known sequence among these examples' users: the most negatives every
+        one of them can be given."""
+        return min(len(self.item_ids) - len(self.known.get(e.user_id, ())) for e in examples) if examples else 0
+
     def sample(self, example: Example, c: int, rng: np.random.Generator) -> tuple[list[str], int]:
         """(candidates, index of the target among them)."""
         exclude = self.known.get(example.user_id)

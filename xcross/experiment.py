@@ -129,8 +129,12 @@ def plan(config: RunConfig, resume: bool = False, replace_run: bool = False, tes
         raise UsageError(f"{where} {held} ({'; '.join(diff)}); keep both with another --out, or replace it with "
                          "--replace")
     if not finished and run_dir.file("results.json").is_file():
+        damaged = [p.name for p in run_dir.damaged()]
+        if set(damaged) <= {"results.json", "test_scores.npz"} and run_dir.file("ckpt").is_dir():
+            return Plan("resume", f"{where} has finished, but {', '.join(damaged)} cannot be read: rebuilding it from "
+                                  "its last checkpoint")
         return Plan("train", f"{where} has finished, but a file it needs is missing or damaged "
-                             f"({', '.join(p.name for p in run_dir.damaged())}): training it again", clear=True)
+                             f"({', '.join(damaged)}): training it again", clear=True)
     if not run_dir.file("inputs.json").is_file():
         run_dir.inputs()  # refuses a directory written by an earlier version, saying how to bring it up to date
     changed = input_changes(run_dir.inputs(), current_inputs(config, sources))
@@ -224,8 +228,8 @@ def ensure_sources(config: RunConfig, decoder, resume: bool = False, progress: b
         run_dir = RunDir.of(wanted)
         decided = plan(wanted, resume, test=False)
         if decided.action == "keep":
-            tensors, _, meta = read_adapter(run_dir.best)
             try:
+                tensors, _, meta = read_adapter(run_dir.best)
                 check_adapter(str(run_dir.best), tensors, meta, decoder, config.model.lora)
             except ValueError as err:
                 raise UsageError(f"{err}; replace it: xcross-train --config {run_dir.file('config.json')} "
@@ -288,6 +292,12 @@ def _train_method(config: RunConfig, decoder, adapters: list[Path], sources: lis
     train = train_examples(domain, config)
     valid = eval_examples(domain, "valid", config)
     test_examples = eval_examples(domain, "test", config)
+    sampler = CandidateSampler(domain)
+    if decided.action != "test" and (fewest := sampler.fewest_negatives(train)) < config.train.train_candidates - 1:
+        raise UsageError(f"--train-candidates {config.train.train_candidates} needs "
+                         f"{config.train.train_candidates - 1} negatives per training example, but a user of "
+                         f"{config.target} leaves only {fewest} items outside their sequence; use at most "
+                         f"--train-candidates {fewest + 1}")
     # torch seeds itself randomly per process: without this every run, and every torchrun rank, would start from
     # its own LoRA A and head initialisation.
     torch.manual_seed(config.train.seed)
@@ -312,7 +322,7 @@ def _train_method(config: RunConfig, decoder, adapters: list[Path], sources: lis
         earlier = run_dir.results()["seconds"]
     else:
         extra = {"domain": config.target, "xcross": asdict(config.model.xcross)}
-        summary = fit(model, train, valid, builder, CandidateSampler(domain), config.train, run_dir.path,
+        summary = fit(model, train, valid, builder, sampler, config.train, run_dir.path,
                       lambda path: save_trained(model, path, config.method, adapters, extra),
                       decided.action == "resume", device, progress)
         earlier = summary["resumed_seconds"]
@@ -344,9 +354,20 @@ def _train_method(config: RunConfig, decoder, adapters: list[Path], sources: lis
     return results
 
 
+def processor() -> str:
+    """The CPU's model name where the system tells it (Linux), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine(device: str, decoder) -> dict:
     """Where a run computed: what a result from another machine may differ by in floating point."""
-    return {"device": device, "processor": platform.processor() or platform.machine(),
+    return {"device": device, "processor": processor() if device == "cpu" else torch.cuda.get_device_name(device),
             "dtype": str(decoder.model.embed_tokens.weight.dtype).removeprefix("torch."),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
@@ -440,7 +461,11 @@ def stored_scores(run_dir: RunDir, examples: list[Example]) -> EvalResult | None
     stored = run_dir.file("test_scores.npz")
     if not stored.is_file():
         return None
-    result = EvalResult.load(stored)
+    try:
+        result = EvalResult.load(stored)
+    except Exception as err:  # noqa: BLE001 - a cut or foreign file (zip, npy or JSON errors)
+        print(f"{stored} cannot be read ({type(err).__name__}): scoring the run again")
+        return None
     same = result.identity.get("scored") == scored_digest(examples) and \
         result.identity.get("weights") == file_sha256(run_dir.best)
     return result if same else None
@@ -467,6 +492,7 @@ def evaluate_run(config: RunConfig, run_dir: RunDir, progress: bool = True) -> t
                       progress=progress, partial=run_dir.file(PARTIAL_SCORES) if own else None,
                       weights=file_sha256(run_dir.best))
     result.identity.update(test_identity(config))
-    if own and not run_dir.file("test_scores.npz").is_file() and dist_info().main:
-        result.save(run_dir.file("test_scores.npz"))  # a run trained without its test split: scored once
+    missing = not run_dir.file("test_scores.npz").is_file() or "test_scores.npz" in [p.name for p in run_dir.damaged()]
+    if own and missing and dist_info().main:
+        result.save(run_dir.file("test_scores.npz"))  # trained without its test split, or its scores were damaged
     return result, described

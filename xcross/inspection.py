@@ -3,7 +3,6 @@ coefficients per block and stream pair, their growth over training, the stream w
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from .experiment import eval_examples, locate_sources, prompt_builder
 from .files import atomic_write
 from .methods import get_method
 from .recommender import Recommender
+from .runlog import read_records
 from .rundir import RunDir, source_inputs
 from .settings import RunConfig, UsageError
 from .training import length_multiple
@@ -46,8 +46,9 @@ class Findings:
 
 
 def read_log(path: Path) -> tuple[list[dict], list[dict]]:
-    """(training records, validation records) of a run's log.jsonl."""
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    """(training records, validation records) of a run's log.jsonl (a torn line, which a killed write leaves, is
+    left out)."""
+    records, _ = read_records(path)
     return [r for r in records if "loss" in r], [r for r in records if "valid" in r]
 
 
@@ -68,9 +69,10 @@ def coefficient_map(rec: Recommender, examples, builder) -> dict[str, np.ndarray
     return {"z1": (sums[:, :pairs] / tokens).numpy(), "z2": (sums[:, pairs:] / tokens).numpy()}
 
 
-def collect(run_dir: str | Path, users: int = 8, device="cpu") -> Findings:
+def collect(run_dir: str | Path, users: int = 8, device="cpu", data_dir: str | Path | None = None) -> Findings:
     """Read a run's log, results and trained weights; with integrators, run the best model on the first `users`
-    validation users of the run's own evaluation subsample for the coefficient map."""
+    validation users of the run's own evaluation subsample for the coefficient map (its data from `data_dir`, by
+    default the run's own)."""
     run = RunDir.load(run_dir)
     config = run.config()
     if run.file("inputs.json").is_file():  # what it was built on must still be there: else it is not this run
@@ -85,7 +87,11 @@ def collect(run_dir: str | Path, users: int = 8, device="cpu") -> Findings:
     if not run.best.is_file():
         found.missing.append(f"no best.safetensors in {run.path}: the run has not validated yet")
         return found
-    best, _ = load_tensors(run.best)
+    try:
+        best, _ = load_tensors(run.best)
+    except Exception as err:  # noqa: BLE001 - a cut or foreign file: safetensors' own error types too
+        raise UsageError(f"{run.best} cannot be read ({type(err).__name__}); train the run again: xcross-train "
+                         f"--config {run.file('config.json')} --replace") from None
     if "stream_weights" in best:
         found.stream_weights = best["stream_weights"].float().numpy()
     else:
@@ -97,9 +103,10 @@ def collect(run_dir: str | Path, users: int = 8, device="cpu") -> Findings:
         return found
     try:
         rec = Recommender.from_run(run.path, device)
-        domain = load_domain(Path(config.data.data_dir) / config.target)
+        domain = load_domain(Path(data_dir or config.data.data_dir) / config.target)
     except (UsageError, FileNotFoundError) as err:
-        found.missing.append(f"coefficient heatmap: the model could not be rebuilt ({err})")
+        found.missing.append(f"coefficient heatmap: its model or validation users could not be read ({err}); "
+                             "give the data with --data-dir")
         return found
     examples = eval_examples(domain, "valid", config)[:users]
     found.coefficients = coefficient_map(rec, examples, prompt_builder(config, domain))
@@ -137,13 +144,17 @@ def plot_training(found: Findings, path: Path, plt) -> Path:
     left.set_ylabel("training loss (listwise cross-entropy)")
     left.ticklabel_format(axis="y", useOffset=False)
     for metric in (found.valid[-1]["valid"] if found.valid else {}):
-        right.plot([r["step"] for r in found.valid], [r["valid"][metric] for r in found.valid], marker="o",
-                   label=metric)
+        steps, values = [r["step"] for r in found.valid], [r["valid"][metric] for r in found.valid]
+        (line,) = right.plot(steps, values, marker="o", label=metric)
+        if len(found.valid) <= 3:  # a run validated once (one epoch) shows points, not curves: give their values
+            for x, y in zip(steps, values):
+                right.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(6, 0), fontsize=7,
+                               color=line.get_color(), va="center")
     best = (found.results or {}).get("training", {}).get("best_step")
     if best is not None and best >= 0:
         right.axvline(best, color="grey", linestyle=":", label=f"selected (step {best})")
     right.set_xlabel("step")
-    right.set_ylabel("validation")
+    right.set_ylabel(f"validation ({len(found.valid)} validation{'s' if len(found.valid) != 1 else ''})")
     for ax in (left, right):
         ax.xaxis.get_major_locator().set_params(integer=True)
     if found.valid:
@@ -203,12 +214,17 @@ def plot_growth(found: Findings, path: Path, plt) -> Path:
 def plot_stream_weights(found: Findings, path: Path, plt) -> Path:
     """The pooling weights w of the streams (best checkpoint), against their initial value 1/n."""
     w = found.stream_weights
+    start = 1 / len(w)
+    # How far each weight moved from 1/n: drawn from 0, the weights themselves (all near 1/n) look identical.
     fig, ax = plt.subplots(figsize=(1.8 + 0.9 * len(w), 3.2))
-    bars = ax.bar(range(len(w)), w, color=[f"C{i}" for i in range(len(w))])
-    ax.bar_label(bars, [f"{v:.4g}" for v in w], fontsize=8)
-    ax.axhline(1 / len(w), color="grey", linestyle="--", label=f"initial 1/n = {1 / len(w):.3g}")
+    bars = ax.bar(range(len(w)), w - start, color=[f"C{i}" for i in range(len(w))])
+    ax.bar_label(bars, [f"w = {v:.4f}" for v in w], fontsize=8)
+    ax.axhline(0, color="grey", linestyle="--", label=f"initial w = 1/n = {start:.4g}")
     ax.set_xticks(range(len(w)), found.streams)
-    ax.set_ylabel("stream weight w")
+    ax.set_ylabel("w − 1/n (change from the start)")
+    top = max(float(abs(w - start).max()), 1e-6) * 1.6
+    ax.set_ylim(-top, top)
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     ax.set_title(f"stream weights of {found.config.method} on {found.config.target}", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path, plt)
@@ -260,11 +276,12 @@ def summary(found: Findings, written: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def inspect_run(run_dir: str | Path, out_dir: str | Path | None = None, users: int = 8, device="cpu") -> list[Path]:
+def inspect_run(run_dir: str | Path, out_dir: str | Path | None = None, users: int = 8, device="cpu",
+                data_dir: str | Path | None = None) -> list[Path]:
     """Write the plots of `collect(run_dir)` that the run's method has (training.png always; coefficients.png
     and growth.png with integrators; stream_weights.png with several streams) and summary.md into `out_dir`
     (default <run>/inspect/); returns the paths written, summary.md last. Without matplotlib only summary.md."""
-    found = collect(run_dir, users, device)
+    found = collect(run_dir, users, device, data_dir)
     out = Path(out_dir) if out_dir is not None else found.run / "inspect"
     written = []
     plt = _pyplot()

@@ -170,10 +170,19 @@ def base_signature(decoder) -> dict:
 
 
 def read_adapter_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
-    """(adapter tensors, head tensors, config) of an xcross adapter file (`ADAPTER_FORMAT`)."""
-    tensors, config = load_tensors(path)
+    """(adapter tensors, head tensors, config) of an xcross adapter file (`ADAPTER_FORMAT`); a file that cannot be
+    read whole, or holds non-finite values, is refused naming it (ValueError)."""
+    try:
+        tensors, config = load_tensors(path)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a cut or foreign file: safetensors' own error types too
+        raise ValueError(f"{path} cannot be read as an adapter file ({type(err).__name__}: {err})") from None
     if config.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path} is not an xcross adapter file (format {config.get('format')!r})")
+    if bad := next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())),
+                   None):
+        raise ValueError(f"{path} has non-finite values in {bad}: train it again")
     adapter = {k: v for k, v in tensors.items() if ".lora_" in k}
     head = {k: v for k, v in tensors.items() if k.startswith("head.")}
     return adapter, head, config

@@ -14,13 +14,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-from safetensors import safe_open
+import numpy as np
 
 from .data import domain_digest
 from .files import atomic_write, file_sha256
 from .peft import PEFT_CONFIG, PEFT_WEIGHTS, is_peft_directory
 from .settings import RunConfig, UsageError
-from .weights import base_fingerprint
+from .weights import base_fingerprint, is_whole
 
 OUTPUTS = ("config.json", "inputs.json", "log.jsonl", "best.safetensors", "test_scores.npz", "results.json")
 
@@ -81,6 +81,8 @@ class RunDir:
         """The run in `path` (wherever it now lives: also moved, or written with a `--out` relative to another
         working directory), its name read from its config.json."""
         path = Path(path)
+        if path.is_symlink():  # a link to a run (e.g. "latest"): the run is where it points
+            path = path.resolve()
         if not (path / "config.json").is_file():
             raise UsageError(f"{path} is not a run directory (no config.json); a run is <out>/<target>/<name>, "
                              "written by xcross-train")
@@ -125,26 +127,35 @@ class RunDir:
     def finished(self) -> bool:
         """Whether every file the run's method needs is present and readable: its config, inputs and results, its
         weights, and its test scores when it was tested."""
-        try:
-            results = self.results()
-            self.config()
-            self.inputs()
-            with safe_open(self.best, "pt"):
-                pass
-        except Exception:  # noqa: BLE001 - missing, damaged (JSON, safetensors' own errors) or of an older version
-            return False
-        return results.get("test") is None or self.file("test_scores.npz").is_file()
+        return not self.damaged(stop_at_first=True)
 
-    def damaged(self) -> list[Path]:
-        """The files of a run with results that are missing or cannot be read (what keeps it from being finished)."""
+    def damaged(self, stop_at_first: bool = False) -> list[Path]:
+        """The files a finished run needs that are missing or cannot be read whole: config, inputs and results,
+        the weights, and the test scores when it was tested."""
         out = []
-        for name, read in (("config.json", self.config), ("inputs.json", self.inputs), ("results.json", self.results),
-                           ("best.safetensors", lambda: safe_open(self.best, "pt").__enter__())):
+
+        def scores() -> None:
+            try:
+                tested = self.results().get("test") is not None
+            except Exception:  # noqa: BLE001 - results.json itself is damaged: judge the scores by themselves
+                tested = self.file("test_scores.npz").exists()
+            if tested:
+                with np.load(self.file("test_scores.npz")) as z:
+                    z["scores"], z["user_ids"]
+
+        def weights() -> None:
+            if not is_whole(self.best):
+                raise ValueError("incomplete")
+
+        for name, read in (("results.json", self.results), ("config.json", self.config), ("inputs.json", self.inputs),
+                           ("best.safetensors", weights), ("test_scores.npz", scores)):
             try:
                 read()
-            except Exception:  # noqa: BLE001 - missing, damaged, or of an older version
+            except Exception:  # noqa: BLE001 - missing, damaged (JSON, zip), or of an older version
                 out.append(self.file(name))
-        return out or [self.file("test_scores.npz")]
+                if stop_at_first:
+                    break
+        return out
 
     def config(self) -> RunConfig:
         return read_config(self.file("config.json"))

@@ -25,6 +25,27 @@ def flatten(record: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def read_records(path: Path) -> tuple[list[dict], int]:
+    """The records of a log.jsonl and how many of its lines were dropped as torn: a line that is not a whole JSON
+    record with a step (what a kill or a full disk in the middle of a write leaves, at its end)."""
+    records, torn = [], 0
+    if not path.is_file():
+        return records, torn
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and isinstance(record.get("step"), int)
+        except ValueError:
+            ok = False
+        if ok:
+            records.append(record)
+        else:
+            torn += 1
+    return records, torn
+
+
 class RunLog:
     def __init__(self, run_dir: Path, loggers: tuple[str, ...] = (), main: bool = True):
         if unknown := set(loggers) - set(LOGGERS):
@@ -44,13 +65,14 @@ class RunLog:
             self.csv.unlink(missing_ok=True)
         else:
             if self.jsonl.is_file():
-                lines = [line for line in self.jsonl.read_text().splitlines(keepends=True)
-                         if line.strip() and json.loads(line)["step"] <= resumed_step]
-                atomic_write(self.jsonl, "".join(lines))
+                records, torn = read_records(self.jsonl)
+                if torn:
+                    print(f"{self.jsonl}: dropped {torn} torn line(s) (what a killed or interrupted write leaves)")
+                atomic_write(self.jsonl, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= resumed_step))
             if self.csv.is_file():
-                rows = list(csv.reader(self.csv.read_text().splitlines()))
-                kept = [rows[0], *[r for r in rows[1:] if int(r[0]) <= resumed_step]]
-                atomic_write(self.csv, "".join(",".join(r) + "\n" for r in kept))
+                rows = list(csv.reader(self.csv.read_text(errors="replace").splitlines()))
+                kept = [r for r in rows[1:] if len(r) == 3 and r[0].isdigit() and int(r[0]) <= resumed_step]
+                atomic_write(self.csv, "".join(",".join(r) + "\n" for r in [["step", "name", "value"], *kept]))
         if "csv" in self.loggers and not self.csv.is_file():
             self.csv.write_text("step,name,value\n")
         if "tensorboard" in self.loggers:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError, load_config
 from .errors import UsageError
 from .lora import DEFAULT_TARGETS, LoRAConfig
 from .methods import HEAD_INITS, TRAINED_METHODS, get_method
@@ -519,9 +520,26 @@ def validate(config: RunConfig, domains: list[str]) -> RunConfig:
     if not (model_dir / "tokenizer.json").is_file():
         raise UsageError(f"the model directory {model_dir} has no tokenizer.json; add the tokenizer saved with its "
                          "weights (tokenizer.save_pretrained) or convert the default weights with xcross-prepare gemma")
+    try:
+        architecture = load_config(model_dir)
+    except (ConfigError, ValueError) as err:
+        raise UsageError(f"cannot load the base model in {model_dir}: its config.json: {err}") from None
+    if config.model.lora.rank > (largest := smallest_adapted_size(architecture, config.model.lora.targets)):
+        raise UsageError(f"--rank {config.model.lora.rank} is more than the {largest} features of the smallest layer it "
+                         f"adapts ({', '.join(config.model.lora.targets)}) in {model_dir}: a LoRA of that rank is no "
+                         f"longer low-rank; use --rank {largest} or less")
     return config.with_values({"sources": tuple(sources), "model.model_dir": str(model_dir.absolute()),
                                "data.data_dir": str(Path(config.data.data_dir).expanduser().absolute()),
                                "out": str(Path(config.out).expanduser().absolute())})
+
+
+def smallest_adapted_size(architecture, targets: tuple[str, ...]) -> int:
+    """The smallest input or output size among the projections LoRA adapts (its largest sensible rank)."""
+    d, heads, kv = architecture.hidden_size, architecture.num_attention_heads, architecture.num_key_value_heads
+    head, inter = architecture.head_dim, architecture.intermediate_size
+    sizes = {"q_proj": (d, heads * head), "k_proj": (d, kv * head), "v_proj": (d, kv * head),
+             "o_proj": (heads * head, d), "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}
+    return min(min(sizes[t]) for t in targets)
 
 
 def _stored_candidates(domain_dir: Path) -> int:

@@ -84,6 +84,12 @@ def select_users(examples: list[Example], fraction: float = 1.0, max_users: int 
     return [e for e in examples if e.user_id in keep]
 
 
+def shown(wanted: bool) -> bool | None:
+    """tqdm's `disable` for a progress bar: off unless wanted, and then only on a terminal (in a log file a bar's
+    redraws are control characters, not progress)."""
+    return None if wanted else True
+
+
 def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 2, epoch]).permutation(n)
 
@@ -171,7 +177,7 @@ def evaluate(model: XCrossModel, examples: list[Example], builder: PromptBuilder
     key = _evaluation_key([examples[i] for i in mine], prompts, batch_size, weights) if partial else ""
     done, earlier = _load_partial(partial, key, scores) if partial else (0, 0.0)
     pad = builder.tokenizer.pad_id or 0
-    bar = tqdm(total=len(mine), initial=done, desc=desc, unit="user", disable=not (progress and info.main),
+    bar = tqdm(total=len(mine), initial=done, desc=desc, unit="user", disable=shown(progress and info.main),
                leave=False)
     for start in range(done, len(mine), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -456,7 +462,7 @@ def fit(model: XCrossModel, train: list[Example], valid: list[Example], builder:
 
     model.train()
     start_time, start_step = time.perf_counter(), state.step
-    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not (progress and info.main))
+    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=shown(progress and info.main))
     stopped = False
     with _graceful_stop() as stop:
         while state.step < total:

@@ -93,6 +93,20 @@ def base_fingerprint(model_dir: str | Path, blocks: int = 256, block_size: int =
     return digest.hexdigest()[:16]
 
 
+def is_whole(path: str | Path) -> bool:
+    """Whether a safetensors file is complete: its header reads and its data reaches the end the header declares
+    (a copy or a write cut short keeps a valid header over missing data)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size == 8 + size + end
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """Save tensors as safetensors with `config` as JSON metadata under the key "config", atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

@@ -60,7 +60,7 @@ def _metavar(setting) -> str:
 def read_config_file(path: Path) -> RunConfig:
     """A `--config` file: JSON, or TOML (`.toml`, read with the standard library's tomllib)."""
     try:
-        if path.suffix == ".toml":
+        if path.suffix.lower() == ".toml":
             import tomllib
             data = tomllib.loads(path.read_text())
         else:
@@ -68,9 +68,9 @@ def read_config_file(path: Path) -> RunConfig:
     except FileNotFoundError:
         raise UsageError(f"--config {path}: no such file") from None
     except (ValueError, ImportError) as err:  # JSONDecodeError, TOMLDecodeError; tomllib needs Python >= 3.11
-        raise UsageError(f"--config {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {err}") \
+        raise UsageError(f"--config {path} is not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'}: {err}") \
             from None
-    if path.suffix != ".toml":
+    if path.suffix.lower() != ".toml":
         return read_config(path, where=f"--config {path}")  # a run's own config.json: the run where it now is
     return RunConfig.from_dict(data, where=f"--config {path}")
 

@@ -49,9 +49,10 @@ def evaluate_named(config: RunConfig, name: str, progress: bool):
     if name.startswith("source:"):
         return evaluate_source(config, name.split(":", 1)[1], progress)
     runs = {r.name: r for r in RunDir.finished_runs(config.out, config.target, damaged=True)}
-    if name in runs and not runs[name].finished():
+    damaged = [p for p in runs[name].damaged() if p.name != "test_scores.npz"] if name in runs else []
+    if damaged:  # (scores that cannot be read are scored again)
         runs[name].inputs()  # a run of the earlier format: refused, saying how to bring it up to date
-        raise UsageError(f"{runs[name].damaged()[0]} cannot be read ({runs[name].path} is damaged); train it again: "
+        raise UsageError(f"{damaged[0]} cannot be read ({runs[name].path} is damaged); train it again: "
                          f"xcross-train --config {runs[name].file('config.json')} --replace")
     if name not in runs:
         raise UsageError(f"no finished run named {name!r} in {Path(config.out) / config.target} (finished: "
@@ -101,7 +102,7 @@ def parse_fractions(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     args = build_parser().parse_args(argv)
-    return run_command(lambda: _main(args))
+    return run_command(lambda: _main(args), interrupted="stopped; run the same command again (a run's test scoring continues where it stopped)")
 
 
 def _main(args: argparse.Namespace) -> int:

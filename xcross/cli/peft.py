@@ -89,7 +89,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(lambda: _main(args))
+    return run_command(lambda: _main(args), interrupted="stopped; the output was left as it was")
 
 
 def _main(args: argparse.Namespace) -> int:
