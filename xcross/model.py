@@ -230,14 +230,9 @@ class GemmaBlock(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(d, eps, unit_offset=True)
         self.post_feedforward_layernorm = RMSNorm(d, eps, unit_offset=True)
 
-    def attend(self, x: Tensor, rope, mask, cache: KVCache | None = None) -> Tensor:
-        return x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache))
-
-    def feed_forward(self, x: Tensor) -> Tensor:
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-
     def forward(self, x: Tensor, rope, mask, cache: KVCache | None = None) -> Tensor:
-        return self.feed_forward(self.attend(x, rope, mask, cache))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class LlamaBlock(nn.Module):
@@ -252,14 +247,9 @@ class LlamaBlock(nn.Module):
         self.input_layernorm = RMSNorm(d, eps, unit_offset=False)
         self.post_attention_layernorm = RMSNorm(d, eps, unit_offset=False)
 
-    def attend(self, x: Tensor, rope, mask, cache: KVCache | None = None) -> Tensor:
-        return x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-
-    def feed_forward(self, x: Tensor) -> Tensor:
-        return x + self.mlp(self.post_attention_layernorm(x))
-
     def forward(self, x: Tensor, rope, mask, cache: KVCache | None = None) -> Tensor:
-        return self.feed_forward(self.attend(x, rope, mask, cache))
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Backbone(nn.Module):
