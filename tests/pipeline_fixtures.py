@@ -218,8 +218,10 @@ def interrupt_when(command: list[str], ready, timeout: float = 120, poll: float 
                    env: dict | None = None, signum: int = signal.SIGINT) -> subprocess.CompletedProcess:
     """Start `command` (cwd = repository root), send it `signum` (SIGINT) as soon as `ready()` is true, and wait
     for it to finish (stdout and stderr captured)."""
+    # As from a terminal: Ctrl-C's default disposition. A test process may run with SIGINT ignored (a pytest-xdist
+    # worker can be), and a child inherits that, where Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen(command, cwd=REPO, env=env or cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     start = time.monotonic()
     try:
         while not ready():
