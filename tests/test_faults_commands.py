@@ -248,3 +248,73 @@ def test_a_refused_request_generates_nothing_in_the_working_directory(setup, tmp
     proc = command(["xcross.cli.evaluate", "--lr", "-1", "--model-dir", str(setup["model"])], cwd=tmp_path)
     assert "--lr must be in (0, 1000], got -1.0" in one_line(proc)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- a full disk, outputs that are not directories, what a log file gets ----------------------------------------
+
+
+def _full_disk(monkeypatch, module) -> None:
+    """Every atomic write of `module` fails as a full disk does, after its temporary was created and written."""
+    import errno
+
+    from xcross import files
+
+    real = files.atomic_write
+
+    def full(path, content):
+        def write(tmp):
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+        return real(path, write)
+
+    monkeypatch.setattr(module, "atomic_write", full)
+
+
+def test_a_full_disk_is_one_line_exit_1_and_leaves_nothing(trained, tmp_path, monkeypatch, capsys):
+    from xcross import training
+    from xcross.cli import rank as rank_cli
+    out, flags = copy_runs(trained, tmp_path)
+    users = tmp_path / "users.jsonl"
+    users.write_text(json.dumps({"history": ["a", "b"], "candidates": ["c", "d"]}) + "\n")
+    _full_disk(monkeypatch, rank_cli)
+    code = rank_cli.main(["--run", str(out / TARGET / "lora"), "--input", str(users), "--output",
+                          str(tmp_path / "r.jsonl"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "No space left on device (free some space" in err, err
+    assert not (tmp_path / "r.jsonl").exists() and leftovers(tmp_path) == []
+    import train as train_cli
+    _full_disk(monkeypatch, training)  # the first checkpoint's LATEST file
+    code = train_cli.main([*common_flags(trained_world(trained), trained_model(trained), tmp_path / "new", **SMALL),
+                           "--method", "lora", "--checkpoint-every", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.strip().count("\n") == 0 and "No space left on device" in err, err
+    assert leftovers(tmp_path / "new") == []
+
+
+def trained_world(trained) -> str:
+    return trained["flags"][trained["flags"].index("--data-dir") + 1]
+
+
+def trained_model(trained) -> str:
+    return trained["flags"][trained["flags"].index("--model-dir") + 1]
+
+
+def test_an_out_that_is_a_file_or_a_dangling_symlink_is_one_line(setup, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "at-all")
+    for out in (tmp_path / "file", tmp_path / "dangling"):
+        proc = run_cli("train.py", [*common_flags(setup["world"], setup["model"], out, **SMALL), "--method", "lora"])
+        assert str(out) in one_line(proc)
+    assert (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_evaluate_says_when_it_found_no_runs(setup, tmp_path):
+    proc = run_cli("evaluate.py", common_flags(setup["world"], setup["model"], tmp_path / "runs", **SMALL))
+    assert proc.returncode == 0 and "no finished runs or source adapters under" in proc.stdout, proc.stderr
+
+
+def test_progress_bars_stay_out_of_a_log_file(setup, tmp_path):
+    """A command whose stderr is a file (not a terminal) writes no progress-bar redraws into it."""
+    flags = [f for f in common_flags(setup["world"], setup["model"], tmp_path / "runs", **SMALL) if f != "--quiet"]
+    proc = run_cli("train.py", [*flags, "--method", "lora"])
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b[A" not in proc.stderr and "\r" not in proc.stderr and "it/s" not in proc.stderr
