@@ -5,6 +5,7 @@ checks before work, and a run directory of the earlier format read correctly or 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import sys
@@ -305,3 +306,41 @@ def test_a_run_directory_of_the_earlier_format_is_read_or_refused(trained, tmp_p
     with pytest.raises(UsageError, match="model.xcross.mix_at = \"sublayer\" is an option this version removed"):
         RunConfig.from_dict({**old, "model": {**old["model"], "xcross": {**old["model"]["xcross"],
                                                                           "mix_at": "sublayer"}}})
+
+
+def test_a_setting_added_later_keeps_the_identity_of_the_runs_recorded_before_it(trained, tmp_path, capsys):
+    """`data.source_train_users` came after runs were recorded: a config.json without it is the same run (kept,
+    not trained again); given, it is part of X-Cross's identity (it picks the sources) and of no LoRA run's."""
+    out, flags = copy_runs(trained, tmp_path)
+    for run in (out / TARGET).iterdir():
+        config = json.loads((run / "config.json").read_text())
+        del config["data"]["source_train_users"]
+        (run / "config.json").write_text(json.dumps(config, indent=2))
+    before = {m: files_of(out / TARGET / m) for m in ("lora", "xcross")}
+    for method, extra in (("lora", []), ("xcross", []), ("lora", ["--source-train-users", "5"])):
+        assert train_cli.main([*flags, "--method", method, *extra]) == 0
+        assert files_of(out / TARGET / method) == before[method], (method, extra)
+    capsys.readouterr()
+    assert train_cli.main([*flags, "--method", "xcross", "--source-train-users", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.source_train_users: None there, 5 here" in err, err
+    assert files_of(out / TARGET / "xcross") == before["xcross"]
+
+
+def test_more_target_users_on_the_same_source_adapters(trained, tmp_path, capsys):
+    """--max-train-users changes the target's users; with --source-train-users at the sources' own count, X-Cross
+    is built on the very source adapters trained before (reused, not trained again) and trains on more users."""
+    out, flags = copy_runs(trained, tmp_path)
+    sources = {d: (out / d / "lora" / "best.safetensors").read_bytes() for d in ("sports", "tools")}
+    args = [*flags, "--method", "xcross", "--max-train-users", "12", "--source-train-users", "8"]
+    assert train_cli.main([*args, "--replace"]) == 0
+    said = capsys.readouterr().out
+    assert "source sports: reusing" in said and "source tools: reusing" in said and "training a LoRA" not in said
+    assert {d: (out / d / "lora" / "best.safetensors").read_bytes() for d in sources} == sources
+    inputs = json.loads((out / TARGET / "xcross" / "inputs.json").read_text())
+    assert [s["sha256"] for s in inputs["sources"]] == [hashlib.sha256(sources[d]).hexdigest()
+                                                        for d in ("sports", "tools")]
+    results = json.loads((out / TARGET / "xcross" / "results.json").read_text())
+    assert results["training"]["train_examples"] == 12  # one example per user (the tiny world has 100 users)
+    before = json.loads((trained["out"] / TARGET / "xcross" / "results.json").read_text())
+    assert before["training"]["train_examples"] == 8

@@ -261,3 +261,35 @@ def test_a_source_adapter_is_the_lora_run_of_the_arrangement_that_targets_its_do
     xcross = RunDir.load(straight / "toys" / "xcross").config()
     with pytest.raises(UsageError, match="holds a run trained otherwise .*sources"):  # X-Cross does read them
         finished_results(replace(xcross, sources=("tools", "sports")))
+
+
+def test_a_study_of_some_methods_on_more_target_users(setup, straight, tmp_path):
+    """The larger run of an arrangement: LoRA, X-Cross and ensemble only, on more target users than the study's,
+    built on the study's own source adapters (--source-train-users): only those three are trained, the sources are
+    reused, and the baselines claim is judged against the baselines that were run."""
+    out = tmp_path / "runs"
+    for domain in ("sports", "tools"):
+        shutil.copytree(straight / domain / "lora", out / domain / "lora")
+    larger = {**TINY_STUDY, "fractions": "1", "seeds": "0", "max_train_users": 24, "source_train_users": 16}
+    refused = run_cli("-m", ["xcross.cli.study", *common_flags(setup["world"], setup["model"], out, **larger),
+                             "--methods", "lora,merge"])
+    assert refused.returncode == 2 and "include xcross" in refused.stderr, refused.stderr
+    proc = run_cli("-m", ["xcross.cli.study", *common_flags(setup["world"], setup["model"], out, **larger),
+                          "--methods", "lora,xcross,ensemble"], timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trained = [line.split(" (")[0] for line in proc.stdout.splitlines() if line.startswith("study: training")]
+    assert trained == ["study: training lora@1", "study: training xcross@1", "study: training ensemble"]
+    assert "training a LoRA adapter" not in proc.stdout and proc.stdout.count(": reusing") >= 2
+    report = json.loads((out / "toys" / "study" / "report.json").read_text())
+    assert [r["method"] for r in report["rows"]] == ["popularity", "source:sports", "source:tools", "lora@1",
+                                                      "xcross@1", "ensemble"]
+    before = {r["method"]: r for r in json.loads((straight / "toys" / "study" / "report.json").read_text())["rows"]}
+    for row in report["rows"][:3]:  # the same adapters on the same users: the straight study's seed 0
+        assert row["hit@1_per_seed"][0] == before[row["method"]]["hit@1_per_seed"][0], row["method"]
+    match, baselines = report["claims"]
+    assert match["claim"].startswith("X-Cross matches a LoRA") and "(ensemble, each source zero-shot)" in \
+        baselines["claim"]
+    assert set(baselines["evidence"]) == {"xcross@1 - ensemble", "xcross@1 - source:sports",
+                                          "xcross@1 - source:tools"}
+    for run, users in (("xcross", 24), ("lora", 24)):
+        assert json.loads((out / "toys" / run / "results.json").read_text())["training"]["train_examples"] == users

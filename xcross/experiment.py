@@ -215,8 +215,12 @@ def test_identity(config: RunConfig) -> dict:
 
 def source_config(config: RunConfig, source: str) -> RunConfig:
     """The LoRA run on `source` whose adapter `config` builds on: the same settings (those LoRA reads: base, LoRA,
-    data, training, seed) on the source domain."""
-    return replace(config, target=source, method="lora", fraction=1.0, sources=())
+    data, training, seed) on the source domain, on `data.source_train_users` of its users where that is set."""
+    wanted = replace(config, target=source, method="lora", fraction=1.0, sources=())
+    if config.data.source_train_users is None:
+        return wanted
+    return wanted.with_values({"data.max_train_users": config.data.source_train_users,
+                               "data.source_train_users": None})
 
 
 def ensure_sources(config: RunConfig, decoder, resume: bool = False, progress: bool = True) -> list[Path]:

@@ -84,7 +84,7 @@ def _merge(decoder, adapters, lora, config) -> XCrossModel:
     return model
 
 
-_NO_SOURCES = ("sources", "model.xcross", "model.head_init", "train.integrator_lr")
+_NO_SOURCES = ("sources", "data.source_train_users", "model.xcross", "model.head_init", "train.integrator_lr")
 _NO_INTEGRATORS = ("model.xcross", "train.integrator_lr")
 METHODS = {m.name: m for m in (
     Method("xcross", "the n source streams mixed block by block by trained integrators; w and a head trained",

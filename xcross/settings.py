@@ -42,6 +42,7 @@ class DataConfig:
     title_tokens: int = 24
     num_candidates: int = 20
     max_train_users: int | None = None
+    source_train_users: int | None = None
     max_examples_per_user: int | None = None
     max_eval_users: int | None = None
     max_valid_users: int | None = None
@@ -205,6 +206,9 @@ class Setting:
     phrase: str = "must be in"  # how a range is stated in the error
     flag: str | None = ""  # "": "--" + the path's last part; None: set in a config file only
     unset: str = ""  # what the default None (or empty) means, for the help
+    # added after runs were recorded: at its default it is no part of a run's identity, so that the runs and the
+    # evidence recorded before it existed keep theirs
+    added: bool = False
 
     @property
     def option(self) -> str | None:
@@ -231,6 +235,9 @@ SETTINGS = (
     Setting("data.num_candidates", int, "candidates per test user, the target included", EVALUATION, 2),
     Setting("data.max_train_users", int, "seeded subsample of the target's training users, before --fraction",
             TRAINING, 1, optional=True, unset="all"),
+    Setting("data.source_train_users", int, "seeded subsample of each source's training users for the source "
+            "adapters a run builds on, so that --max-train-users changes the target's users alone", TRAINING, 1,
+            optional=True, unset="--max-train-users", added=True),
     Setting("data.max_examples_per_user", int, "most recent training examples kept per user", TRAINING, 1,
             optional=True, unset="all"),
     Setting("data.max_eval_users", int, "seeded subsample of test users (and of validation users, unless "
@@ -566,7 +573,8 @@ def settings_of(config: RunConfig, roles: tuple[str, ...]) -> dict:
     `data.eval_seed`), which the evaluation settings decide for it."""
     ignored = get_method(config.method).ignores
     out = {s.path: config.get(s.path) for s in SETTINGS
-           if s.role in roles and not any(s.path == i or s.path.startswith(i + ".") for i in ignored)}
+           if s.role in roles and not any(s.path == i or s.path.startswith(i + ".") for i in ignored)
+           and not (s.added and config.get(s.path) == default_of(s.path))}
     if TRAINING in roles:
         data = config.data
         out["validation users"] = {"count": data.max_valid_users or data.max_eval_users, "eval_seed": data.eval_seed}

@@ -28,6 +28,7 @@ from .training import EvalResult, scored_digest
 FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
 CURVE_METHODS = ("lora", "xcross")  # trained at every fraction
 FULL_METHODS = ("merge", "ensemble")  # trained on every target user
+METHODS = (*CURVE_METHODS, *FULL_METHODS)
 MATCH_MARGIN = 0.02  # "matches LoRA": not worse by more than 2 Hit@1 points
 
 
@@ -38,6 +39,7 @@ class Study:
     seeds: tuple[int, ...] = (0,)
     reference: str = "lora@1"  # what every method is compared with, paired
     directory: str | None = None  # where the report and its evidence go (default <out>/<target>/study)
+    methods: tuple[str, ...] = METHODS  # the trained methods of the study (X-Cross always among them)
 
     def check(self) -> None:
         """Refuse, before anything trains, what the report would refuse after: a reference that is not part of the
@@ -48,6 +50,11 @@ class Study:
             raise UsageError(f"--seeds names a seed twice ({','.join(map(str, self.seeds))})")
         if 1.0 not in self.fractions:
             raise UsageError("--fractions must include 1 (the reference LoRA and X-Cross on every target user)")
+        if unknown := [m for m in self.methods if m not in METHODS]:
+            raise UsageError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        if len(set(self.methods)) != len(self.methods) or "xcross" not in self.methods:
+            raise UsageError(f"--methods must name each method once and include xcross, which every claim is about "
+                             f"(got {','.join(self.methods)})")
         known = ["popularity", *(f"source:{s}" for s in self.sources), *self.labels()]
         if self.reference not in known:
             raise UsageError(f"--reference {self.reference!r} is not part of the study; choose from {', '.join(known)}")
@@ -74,8 +81,9 @@ class Study:
     def labels(self) -> list[str]:
         """Every trained method's label, in the report's order: the curve from all users down, then merge and
         ensemble."""
-        curve = [f"{m}@{f:g}" for f in sorted(self.fractions, reverse=True) for m in CURVE_METHODS]
-        return [*curve, *FULL_METHODS]
+        curve = [f"{m}@{f:g}" for f in sorted(self.fractions, reverse=True) for m in CURVE_METHODS
+                 if m in self.methods]
+        return [*curve, *(m for m in FULL_METHODS if m in self.methods)]
 
     def scored(self) -> list[tuple[str, int | None, RunConfig | None]]:
         """(label, seed, the settings of the run it is) of everything the report scores, in the report's order:
@@ -100,7 +108,7 @@ class Study:
             planned += first
             planned += [(f"{m}@{f:g}", replace(seeded, method=m, fraction=f))
                         for f in sorted(self.fractions, reverse=True) if f != 1.0 for m in CURVE_METHODS]
-        return planned
+        return [(label, config) for label, config in planned if config.method in self.methods]
 
 
 def run_study(study: Study, progress: bool = True, report_only: bool = False) -> dict:
@@ -312,7 +320,7 @@ def build_report(study: Study, results: dict[str, list[EvalResult]], missing: li
     first = results["popularity"][0]
     base = study.base
     return {"target": base.target, "sources": list(study.sources), "fractions": list(study.fractions),
-            "seeds": list(study.seeds), "reference": study.reference, "test_users": rows[0]["users"],
+            "methods": list(study.methods), "seeds": list(study.seeds), "reference": study.reference, "test_users": rows[0]["users"],
             "candidates": first.scores.shape[1], "eval_seed": base.data.eval_seed, "scored": first.identity["scored"],
             "rows": rows, "paired": paired, "same_fraction": same_fraction, "claims": claims, "missing": list(missing),
             "parameters": _parameters(records or {}), "provenance": provenance(study, records or {})}
@@ -354,8 +362,10 @@ def judge(study: Study, per_user: dict[str, dict[str, np.ndarray]], missing: lis
                    f"{MATCH_MARGIN:g})")
     data_claim = ("X-Cross needs 50-75% less target data than LoRA (LoRA needs >= 2x X-Cross's fraction to reach "
                   "its Hit@1)")
-    baseline_claim = "X-Cross beats the other cross-domain baselines (merge, ensemble, each source zero-shot) in Hit@1"
-    at_fractions = [at for at in (0.1, 0.25) if at in study.fractions]
+    compared = [m for m in FULL_METHODS if m in study.methods]
+    named = ", ".join([*compared, "each source zero-shot"])
+    baseline_claim = f"X-Cross beats the other cross-domain baselines ({named}) in Hit@1"
+    at_fractions = [at for at in (0.1, 0.25) if at in study.fractions and "lora" in study.methods]
 
     def unmeasured(claim: str, needs: list[str]) -> dict | None:
         if lacking := [label for label in needs if label in missing]:
@@ -363,15 +373,16 @@ def judge(study: Study, per_user: dict[str, dict[str, np.ndarray]], missing: lis
         return None
 
     claims = []
-    if not (claim := unmeasured(match_claim, ["xcross@1", "lora@1"])):
-        match = paired_difference(per_user["xcross@1"]["hit@1"], per_user["lora@1"]["hit@1"], seed=0)
-        claim = {"claim": match_claim, "evidence": {"xcross@1 - lora@1": match},
-                 "verdict": verdict(match, -MATCH_MARGIN)}
-    claims.append(claim)
+    if "lora" in study.methods:  # a study without LoRA judges X-Cross against the baselines only
+        if not (claim := unmeasured(match_claim, ["xcross@1", "lora@1"])):
+            match = paired_difference(per_user["xcross@1"]["hit@1"], per_user["lora@1"]["hit@1"], seed=0)
+            claim = {"claim": match_claim, "evidence": {"xcross@1 - lora@1": match},
+                     "verdict": verdict(match, -MATCH_MARGIN)}
+        claims.append(claim)
     if at_fractions:
         needs = [*(f"lora@{f:g}" for f in study.fractions), *(f"xcross@{f:g}" for f in at_fractions)]
         claims.append(unmeasured(data_claim, needs) or _data_claim(study, per_user, data_claim, at_fractions))
-    baselines = ["merge", "ensemble", *[f"source:{s}" for s in study.sources]]
+    baselines = [*compared, *[f"source:{s}" for s in study.sources]]
     if claim := unmeasured(baseline_claim, ["xcross@1", *baselines]):
         claims.append(claim)
     else:

@@ -11,7 +11,7 @@ import sys
 
 from ..runtime import keep_freed_memory
 from ..settings import UsageError
-from ..study import FRACTIONS, Study, format_markdown, run_study
+from ..study import FRACTIONS, METHODS, Study, format_markdown, run_study
 from ..errors import run_command
 from .common import add_run_arguments, bootstrap, config_from_args, finish_distributed
 from .evaluate import parse_fractions
@@ -26,6 +26,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="fractions of target training users for LoRA and X-Cross")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, one run of each method per "
                                                      "seed (default 0)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated trained methods of the study, xcross among them (default "
+                             f"{','.join(METHODS)}); lora and xcross are trained at every fraction")
     parser.add_argument("--reference", default="lora@1", help="the method every other is compared with, paired "
                                                              "(default lora@1: LoRA on every target user)")
     parser.add_argument("--report-only", action="store_true",
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     def job() -> int:
         config = config_from_args(args, method="xcross")
         study = Study(config, tuple(parse_fractions(args.fractions)), parse_seeds(args.seeds), args.reference,
-                      args.study_dir)
+                      args.study_dir, tuple(m.strip() for m in args.methods.split(",")))
         if not args.report_only:
             bootstrap(config)
         report = run_study(study, progress=not args.quiet, report_only=args.report_only)
