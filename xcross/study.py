@@ -320,7 +320,8 @@ def build_report(study: Study, results: dict[str, list[EvalResult]], missing: li
     first = results["popularity"][0]
     base = study.base
     return {"target": base.target, "sources": list(study.sources), "fractions": list(study.fractions),
-            "methods": list(study.methods), "seeds": list(study.seeds), "reference": study.reference, "test_users": rows[0]["users"],
+            "methods": list(study.methods), "seeds": list(study.seeds), "reference": study.reference,
+            "test_users": rows[0]["users"],
             "candidates": first.scores.shape[1], "eval_seed": base.data.eval_seed, "scored": first.identity["scored"],
             "rows": rows, "paired": paired, "same_fraction": same_fraction, "claims": claims, "missing": list(missing),
             "parameters": _parameters(records or {}), "provenance": provenance(study, records or {})}
