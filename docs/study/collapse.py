@@ -13,11 +13,11 @@ and per block the mean cosine between token states (400 sampled tokens) with the
 import argparse
 
 import torch
-from safetensors.torch import load_file
 
 from xcross.data import load_domain
 from xcross.methods import load_trained
 from xcross.recommender import Recommender
+from xcross.weights import load_tensors
 
 
 def off_diagonal_cosine(x: torch.Tensor) -> torch.Tensor:
@@ -35,10 +35,10 @@ def measure(rec: Recommender, users, tag: str) -> None:
     for hook in hooks:
         hook.remove()
     h = torch.cat([x.reshape(-1, x.shape[-1]) for x in pooled]).float()  # every candidate's pooled final state
-    pre = rec.model.head.dense(h)
+    pre, alike = rec.model.head.dense(h), off_diagonal_cosine(h)
     print(f"{tag}: score spread within a user {scores.std(1).mean():.4f}; head input RMS {h.pow(2).mean().sqrt():.2f}; "
-          f"cosine between candidates' head inputs mean {off_diagonal_cosine(h).mean():.4f} "
-          f"(min {off_diagonal_cosine(h).min():.4f}); tanh saturated (|W h + b| > 3) "
+          f"cosine between candidates' head inputs mean {alike.mean():.4f} "
+          f"(min {alike.min():.4f}); tanh saturated (|W h + b| > 3) "
           f"{(pre.abs() > 3).float().mean():.3f}")
     g = torch.Generator().manual_seed(0)
     cells = []
@@ -61,19 +61,21 @@ def main() -> None:
     users = [([domain.items[i] for i in e.history], [domain.items[i] for i in e.candidates])
              for e in domain.test[:args.users]]
     rec = Recommender.from_run(args.run_dir, dtype=torch.bfloat16)
-    kept = {k: v.clone() for k, v in rec.model.state_dict().items()}
+    changed = {name: p for name, p in rec.model.named_parameters() if "lora_B" in name or name.startswith("head.dense")}
+    kept = {name: p.detach().clone() for name, p in changed.items()}  # the only tensors changed below
     torch.manual_seed(0)
     rec.model.head.dense.reset_parameters()
     with torch.no_grad():
-        for name, p in rec.model.named_parameters():
+        for name, p in changed.items():
             if "lora_B" in name:
                 p.zero_()
     measure(rec, users, "base, fresh head")
-    rec.model.load_state_dict(kept)
+    with torch.no_grad():
+        for name, p in changed.items():
+            p.copy_(kept[name])
     measure(rec, users, "kept (best.safetensors)")
     for path in args.checkpoints:
-        tensors = load_file(path)
-        load_trained(rec.model, {k: v.to(torch.bfloat16) if ".lora_" in k else v for k, v in tensors.items()})
+        load_trained(rec.model, load_tensors(path)[0])  # as a resumed training loads its checkpoint
         measure(rec, users, f"collapsed ({path})")
 
 
